@@ -1,0 +1,193 @@
+"""Command line: parse flags, build Settings, dispatch. Exit codes: 0 ok, 1 runtime, 2 usage, 3 conflict."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+
+from agent import __version__
+from agent.errors import ConfigAgentError, UsageError
+from agent.logs import configure_logging
+from agent.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+# Flags shared by the commands that talk to PostgreSQL/Redis; each overrides CONFIG_AGENT_<NAME>.
+CONNECTION_FLAGS = (
+    ("--database-url", "PostgreSQL URL"),
+    ("--database-password-file", "file holding the PostgreSQL password"),
+    ("--redis-url", "redis:// or rediss:// URL"),
+    ("--redis-password-file", "file holding the Redis password"),
+    ("--redis-ca-file", "CA bundle for rediss://"),
+)
+AGENT_FLAGS = (
+    ("--database-read-url", "PostgreSQL URL to read from (a replica)"),
+    ("--org-id", "the tenant"),
+    ("--services", "comma-separated service filter (default: all)"),
+    ("--http-host", "local API address (default 127.0.0.1)"),
+    ("--http-port", "local API port (default 8790)"),
+    ("--socket-path", "also serve the API on this Unix socket"),
+    ("--socket-mode", "Unix socket mode (default 0660)"),
+    ("--output-dir", "write configs.json, configs.env and {service}/{key} here"),
+    ("--file-mode", "mode of written files (default 0644)"),
+    ("--dir-mode", "mode of written directories (default 0755)"),
+    ("--state-dir", "keep the last-known-good snapshot here"),
+    ("--metrics-host", "metrics address (default 0.0.0.0)"),
+    ("--metrics-port", "metrics port, also /healthz and /readyz (default 9790, 0 = off)"),
+    ("--reconcile-interval", "seconds between full revision checks (default 300)"),
+    ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
+    ("--stale-after", "seconds without a successful sync before stale (default 600)"),
+    ("--on-change-exec", "shell command run after the files changed"),
+    ("--on-change-signal", "signal (e.g. HUP) sent after the files changed"),
+    ("--signal-pidfile", "file holding the pid to signal"),
+    ("--on-change-webhook", "local URL POSTed a JSON summary after the files changed"),
+    ("--hook-debounce", "seconds to wait for a burst to end before hooks (default 0.2)"),
+    ("--hook-timeout", "seconds a hook may run (default 10)"),
+)
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[str, str]]) -> None:
+    for flag, help_text in flags:
+        parser.add_argument(flag, default=None, help=f"{help_text} [env CONFIG_AGENT_{flag[2:].upper().replace('-', '_')}]")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log format [env CONFIG_AGENT_LOG_FORMAT]")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="log level [env CONFIG_AGENT_LOG_LEVEL]")
+
+
+def _writer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--actor", default=None, help="who makes the change (default: the OS user)")
+    parser.add_argument("--reason", default=None, help="why (stored in the history)")
+    parser.add_argument("--expect-version", type=int, default=None,
+                        help="fail with exit 3 unless the entry is at this version (0 = must not exist)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to keep the README's CLI reference honest)."""
+    parser = argparse.ArgumentParser(
+        prog="config-agent",
+        description="Keeps runtime settings in sync with PostgreSQL in every pod, within milliseconds.",
+    )
+    parser.add_argument("--version", action="version", version=f"config-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, *, agent: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        _add_flags(p, CONNECTION_FLAGS)
+        if agent:
+            _add_flags(p, AGENT_FLAGS)
+        return p
+
+    command("run", "run the agent: warm-load, subscribe, serve HTTP/socket/files", agent=True)
+    command("once", "load once, write the files and the last-known-good snapshot, exit", agent=True)
+    command("migrate", "create or upgrade the database schema")
+    p = command("relay", "bridge PostgreSQL notifications to Redis")
+    _add_flags(p, (("--metrics-port", "metrics port with /healthz and /readyz (default 9790, 0 = off)"),
+                   ("--metrics-host", "metrics address (default 0.0.0.0)")))
+
+    p = command("set", "create or update an entry")
+    p.add_argument("org"), p.add_argument("service"), p.add_argument("key")
+    p.add_argument("value", help="a JSON value (0.9, true, '\"text\"', '{\"a\": 1}'); - reads stdin")
+    p.add_argument("--string", action="store_true", help="store VALUE as a string, not JSON")
+    _writer_flags(p)
+
+    p = command("get", "show one entry")
+    p.add_argument("org"), p.add_argument("service"), p.add_argument("key")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("list", "list the entries of an org")
+    p.add_argument("org"), p.add_argument("service", nargs="?")
+    p.add_argument("--deleted", action="store_true", help="include deleted entries")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("history", "show the change history (newest first)")
+    p.add_argument("org"), p.add_argument("service", nargs="?"), p.add_argument("key", nargs="?")
+    p.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("rollback", "set an entry back to the value of an earlier version")
+    p.add_argument("org"), p.add_argument("service"), p.add_argument("key")
+    p.add_argument("--to-version", type=int, required=True, help="the version whose value to restore")
+    _writer_flags(p)
+
+    p = command("delete", "delete an entry (kept as a tombstone in the history)")
+    p.add_argument("org"), p.add_argument("service"), p.add_argument("key")
+    _writer_flags(p)
+
+    p = command("grant-reader", "create/update a tenant's read-only database role and print its Redis ACL")
+    p.add_argument("--org", required=True, help="the tenant the role may read")
+    p.add_argument("--role", required=True, help="the LOGIN role (also the Redis ACL user name)")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="file holding the role's password (used for PostgreSQL and Redis)")
+    p.add_argument("--redis-apply", action="store_true",
+                   help="apply the ACL SETUSER on --redis-url instead of only printing it")
+
+    p = command("demo", "start embedded PostgreSQL and Redis, seed org acme, run relay and agent")
+    _add_flags(p, (("--http-port", "local API port (default 8790)"),))
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment with the parsed flags laid over them."""
+    fields = set(Settings.model_fields)
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return load_settings(**overrides)
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine function on asyncio (uvloop when available)."""
+    try:
+        import uvloop  # noqa: F401
+
+        options: dict[str, Any] = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    return anyio.run(fn, backend="asyncio", backend_options=options)
+
+
+def emit(args: argparse.Namespace, doc: Any, table: Callable[[], str]) -> None:
+    """Print JSON (--json) or a readable table."""
+    if getattr(args, "json", False):
+        print(json.dumps(doc, ensure_ascii=False, indent=None, default=str))
+    else:
+        print(table())
+
+
+def default_actor() -> str:
+    """The OS user, as the default --actor."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in a container without /etc/passwd entry
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `config-agent` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        configure_logging(settings.log_format, settings.log_level)
+        from agent.commands import dispatch
+
+        return dispatch(args, settings)
+    except ConfigAgentError as exc:
+        print(f"config-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["main", "build_parser", "UsageError"]

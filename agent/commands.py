@@ -1,0 +1,215 @@
+"""What each CLI command does, given parsed flags and Settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agent.cli import default_actor, emit, run_async
+from agent.db.connect import connect, read_secret
+from agent.db.migrate import migrate
+from agent.db.writer import ConfigWriter, WriteResult
+from agent.errors import RedisError, UsageError
+from agent.model import parse_value
+from agent.settings import Settings
+
+log = logging.getLogger("agent.cli")
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the command named in `args`; return the exit code."""
+    handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+        "migrate": cmd_migrate,
+        "set": cmd_write,
+        "delete": cmd_write,
+        "rollback": cmd_write,
+        "get": cmd_read,
+        "list": cmd_read,
+        "history": cmd_read,
+        "grant-reader": cmd_grant_reader,
+        "run": cmd_run,
+        "once": cmd_once,
+        "relay": cmd_relay,
+        "demo": cmd_demo,
+    }
+    return handlers[args.command](args, settings)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """`config-agent migrate`."""
+    settings.require("database_url")
+    assert settings.database_url
+
+    async def go() -> list[str]:
+        conn = await connect(settings.database_url or "", password_file=settings.database_password_file)
+        try:
+            return [f"{m.version:03d}_{m.name}" for m in await migrate(conn)]
+        finally:
+            await conn.close()
+
+    applied = run_async(go)
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+async def _writer(settings: Settings) -> ConfigWriter:
+    settings.require("database_url")
+    return await ConfigWriter.open(
+        settings.database_url or "",
+        password_file=settings.database_password_file,
+        redis_url=settings.redis_url,
+        redis_password_file=settings.redis_password_file,
+        redis_ca_file=settings.redis_ca_file,
+    )
+
+
+def cmd_write(args: argparse.Namespace, settings: Settings) -> int:
+    """`set`, `delete`, `rollback`."""
+    actor = args.actor or default_actor()
+    value = None
+    if args.command == "set":
+        text = sys.stdin.read() if args.value == "-" else args.value
+        if args.value == "-" and not args.string:
+            text = text.strip()
+        value = parse_value(text, as_string=args.string)
+
+    async def go() -> WriteResult:
+        writer = await _writer(settings)
+        async with writer:
+            if args.command == "set":
+                return await writer.set(args.org, args.service, args.key, value, actor=actor,
+                                        reason=args.reason, expect_version=args.expect_version)
+            if args.command == "delete":
+                return await writer.delete(args.org, args.service, args.key, actor=actor,
+                                           reason=args.reason, expect_version=args.expect_version)
+            return await writer.rollback(args.org, args.service, args.key,
+                                         to_version=args.to_version, actor=actor,
+                                         reason=args.reason, expect_version=args.expect_version)
+
+    result = run_async(go)
+    what = {"set": "set", "delete": "deleted", "rollback": "rolled back"}[args.command]
+    emit(args, result.to_dict(), lambda: (
+        f"{what} {result.org_id}/{result.service}/{result.key}: version {result.version}, "
+        f"revision {result.revision}" if result.changed else
+        f"unchanged {result.org_id}/{result.service}/{result.key}: still version {result.version}"
+    ))
+    return 0
+
+
+def cmd_read(args: argparse.Namespace, settings: Settings) -> int:
+    """`get`, `list`, `history`."""
+
+    async def go() -> Any:
+        writer = await _writer(settings)
+        async with writer:
+            if args.command == "get":
+                return await writer.get(args.org, args.service, args.key)
+            if args.command == "list":
+                return await writer.list(args.org, args.service, include_deleted=args.deleted)
+            if args.limit < 1:
+                raise UsageError("--limit must be at least 1")
+            return await writer.history(args.org, args.service, args.key, limit=args.limit)
+
+    doc = run_async(go)
+    if args.command == "get":
+        emit(args, doc, lambda: table([doc], ("service", "key", "value", "version", "updated_at", "updated_by")))
+    elif args.command == "list":
+        emit(args, doc, lambda: table(doc, ("service", "key", "value", "version", "revision", "updated_at")))
+    else:
+        emit(args, doc, lambda: table(doc, ("revision", "service", "key", "version", "action",
+                                            "new_value", "changed_by", "changed_at", "reason")))
+    return 0
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned text table; values shown as compact JSON, long ones cut."""
+    def cell(value: Any, column: str) -> str:
+        if column in ("value", "new_value", "old_value"):
+            text = json.dumps(value, ensure_ascii=False)
+        else:
+            text = "" if value is None else str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    grid = [list(columns)] + [[cell(row.get(c), c) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in grid]
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines)
+
+
+def cmd_grant_reader(args: argparse.Namespace, settings: Settings) -> int:
+    """`grant-reader`: PostgreSQL role plus the Redis ACL for one tenant."""
+    from agent.db.roles import grant_reader, redis_acl_command
+
+    settings.require("database_url")
+    password = read_secret(args.password_file)
+    acl = redis_acl_command(args.org, args.role, password)
+
+    async def go() -> None:
+        conn = await connect(settings.database_url or "", password_file=settings.database_password_file)
+        try:
+            await grant_reader(conn, args.org, args.role, password)
+        finally:
+            await conn.close()
+        if args.redis_apply:
+            await _apply_acl(settings, acl)
+
+    run_async(go)
+    print(f"granted: role {args.role} reads org {args.org} only")
+    if args.redis_apply:
+        print(f"applied Redis ACL for user {args.role}")
+    else:
+        shown = " ".join(
+            "'>'\"$(cat PASSWORD_FILE)\"" if p.startswith(">") else shlex.quote(p) for p in acl
+        )
+        print("Redis ACL (apply with redis-cli, or rerun with --redis-apply):")
+        print(f"  redis-cli {shown}")
+    return 0
+
+
+async def _apply_acl(settings: Settings, acl: list[str]) -> None:
+    from agent.redis_client import REDIS_ERRORS, redis_client
+
+    settings.require("redis_url")
+    client = redis_client(settings.redis_url or "", password_file=settings.redis_password_file,
+                          ca_file=settings.redis_ca_file)
+    try:
+        await client.execute_command(*acl)
+    except REDIS_ERRORS as exc:
+        raise RedisError(f"cannot apply the Redis ACL: {type(exc).__name__}: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """`run`: the long-lived agent."""
+    from agent.app import run_agent
+
+    return run_async(lambda: run_agent(settings))
+
+
+def cmd_once(args: argparse.Namespace, settings: Settings) -> int:
+    """`once`: load, write outputs and snapshot, exit."""
+    from agent.app import run_once
+
+    return run_async(lambda: run_once(settings))
+
+
+def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    """`relay`: pg LISTEN → Redis PUBLISH."""
+    from agent.relay import run_relay
+
+    return run_async(lambda: run_relay(settings))
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """`demo`: everything on embedded servers."""
+    from agent.demo import run_demo
+
+    return run_demo(settings, sys.argv[0])

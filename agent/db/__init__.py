@@ -1,0 +1,1 @@
+"""PostgreSQL: schema migrations, connections, reader queries and the writer."""

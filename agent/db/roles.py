@@ -1,0 +1,40 @@
+"""Tenant reader roles (PostgreSQL RLS) and the matching Redis ACL user."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+from agent.db.connect import describe
+from agent.errors import DatabaseError, UsageError
+from agent.model import check_name, org_pattern
+
+ROLE_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
+GRANT_READER = "SELECT config_agent_grant_reader($1, $2, $3)"
+
+
+async def grant_reader(conn: asyncpg.Connection, org_id: str, role: str, password: str | None) -> None:
+    """Create or update the LOGIN role `role` that reads only `org_id` and writes nothing."""
+    check_name("org", org_id)
+    if not ROLE_RE.match(role):
+        raise UsageError(f"invalid role {role!r}: must match {ROLE_RE.pattern}")
+    try:
+        await conn.execute(GRANT_READER, role, org_id, password)
+    except asyncpg.UndefinedFunctionError as exc:
+        raise DatabaseError("schema not migrated: run `config-agent migrate` first") from exc
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"cannot grant reader role: {describe(exc)}") from exc
+
+
+def redis_acl_command(org_id: str, user: str, password: str | None) -> list[str]:
+    """The `ACL SETUSER` arguments for a tenant agent: (P)SUBSCRIBE config:{org}:* and PING."""
+    check_name("org", org_id)
+    if not ROLE_RE.match(user):
+        raise UsageError(f"invalid Redis user {user!r}: must match {ROLE_RE.pattern}")
+    secret = f">{password}" if password else "nopass"
+    return [
+        "ACL", "SETUSER", user, "reset", "on", secret, "resetchannels",
+        f"&{org_pattern(org_id)}", "-@all", "+subscribe", "+psubscribe", "+unsubscribe",
+        "+punsubscribe", "+ping",
+    ]

@@ -1,0 +1,54 @@
+"""The one exception tree of config-agent.
+
+    ConfigAgentError                 base; `exit_code` is what the CLI exits with
+    ├── UsageError          (2)      bad input: names, JSON, settings, flags
+    │   └── NotFoundError   (2)      an entry or version that does not exist
+    ├── ConflictError       (3)      --expect-version did not match
+    ├── SourceError         (1)      PostgreSQL or Redis could not be used
+    │   ├── DatabaseError   (1)
+    │   └── RedisError      (1)
+    └── SinkError           (1)      a listener or the file set could not be set up or written
+
+Library errors (asyncpg, redis-py, OSError) are translated at the boundary with
+``raise … from exc``; components raise, the runtime decides what to log.
+"""
+
+from __future__ import annotations
+
+
+class ConfigAgentError(Exception):
+    """Base of every error config-agent raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(ConfigAgentError):
+    """The caller gave something invalid (a name, a value, a setting)."""
+
+    exit_code = 2
+
+
+class NotFoundError(UsageError):
+    """The entry or version asked for does not exist."""
+
+
+class ConflictError(ConfigAgentError):
+    """The entry moved on: its version is not the one the caller expected."""
+
+    exit_code = 3
+
+
+class SourceError(ConfigAgentError):
+    """A backing service (PostgreSQL, Redis) could not be reached or used."""
+
+
+class DatabaseError(SourceError):
+    """PostgreSQL failed or is unreachable."""
+
+
+class RedisError(SourceError):
+    """Redis failed or is unreachable."""
+
+
+class SinkError(ConfigAgentError):
+    """An output could not be used: a listener cannot bind, the file set cannot be written."""

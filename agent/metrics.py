@@ -1,0 +1,100 @@
+"""Every Prometheus metric of SPEC §5, defined in one place. No values are ever exported."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.store import Applied
+
+# Commit → applied, in seconds; fine buckets below 100 ms where we live.
+PROPAGATION_BUCKETS = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 300.0,
+)
+SOURCES = ("pubsub", "reconcile", "poll", "warmload")
+RESULTS = ("applied", "duplicate", "invalid", "foreign")
+
+
+class Metrics:
+    """The metrics of one agent, on its own registry (several agents may share a process)."""
+
+    def __init__(
+        self,
+        org_id: str,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.org_id = org_id
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        r = self.registry
+        self.version = Gauge(
+            "config_version", "Applied version of a config entry.",
+            ["org_id", "service", "key"], registry=r,
+        )
+        self.revision = Gauge(
+            "config_agent_revision", "Applied org revision.", ["org_id"], registry=r
+        )
+        self.ready = Gauge("config_agent_ready", "1 once the first full load is applied.", registry=r)
+        self.stale = Gauge(
+            "config_agent_stale", "1 while values may be out of date.", registry=r
+        )
+        self.redis_connected = Gauge(
+            "config_agent_redis_connected", "1 while subscribed to Redis.", registry=r
+        )
+        self.db_connected = Gauge(
+            "config_agent_db_connected", "1 while the last PostgreSQL contact succeeded.",
+            registry=r,
+        )
+        self.last_sync = Gauge(
+            "config_agent_last_sync_timestamp_seconds",
+            "Unix time of the last successful sync with PostgreSQL.", registry=r,
+        )
+        self.propagation = Histogram(
+            "config_agent_propagation_seconds", "Commit time to applied in this agent.",
+            buckets=PROPAGATION_BUCKETS, registry=r,
+        )
+        self.updates = Counter(
+            "config_agent_updates", "Changes applied, by source.", ["source"], registry=r
+        )
+        self.drift = Counter(
+            "config_agent_drift", "Changes found by reconcile that pub/sub had not delivered.",
+            registry=r,
+        )
+        self.messages = Counter(
+            "config_agent_messages", "Redis messages received, by result.", ["result"], registry=r
+        )
+        for source in SOURCES:
+            self.updates.labels(source=source)
+        for result in RESULTS:
+            self.messages.labels(result=result)
+        self.revision.labels(org_id=org_id)
+
+    def on_applied(self, applied: Applied, source: str) -> None:
+        """Update gauges and the propagation histogram after a store apply."""
+        snapshot = applied.snapshot
+        now = self._clock()
+        for change in applied.changes:
+            if change.deleted:
+                try:
+                    self.version.remove(self.org_id, change.service, change.key)
+                except KeyError:
+                    pass
+            else:
+                self.version.labels(self.org_id, change.service, change.key).set(change.version)
+            if source != "warmload" and change.committed_at is not None:
+                self.propagation.observe(max(0.0, now - change.committed_at))
+        if applied.changes:
+            self.updates.labels(source=source).inc(len(applied.changes))
+        self.revision.labels(org_id=self.org_id).set(snapshot.revision)
+        self.stale.set(int(snapshot.stale))
+        if snapshot.last_sync:
+            self.last_sync.set(snapshot.last_sync)
+
+    def set_versions(self, snapshot_entries: dict[tuple[str, str], int]) -> None:
+        """Set every version gauge at once (after restoring a last-known-good snapshot)."""
+        for (service, key), version in snapshot_entries.items():
+            self.version.labels(self.org_id, service, key).set(version)

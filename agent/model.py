@@ -1,0 +1,187 @@
+"""Small immutable values shared by every stage: names, entries, changes, announcements."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+NAME_RULE = "must match ^[a-z0-9][a-z0-9_.-]{0,62}$"
+MAX_VALUE_BYTES = 256 * 1024
+CHANNEL_PREFIX = "config"
+# Largest announcement we accept from Redis; real ones are ~150 bytes.
+MAX_MESSAGE_BYTES = 1024
+MAX_VERSION = 2**63 - 1
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return `name` if it is a valid org/service/key name, else raise UsageError."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError(f"invalid {kind} {name!r}: {NAME_RULE}")
+    return name
+
+
+def encode_value(value: Any) -> str:
+    """Serialize a config value as compact JSON, enforcing the size limit."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"value is not JSON-serializable: {exc}") from exc
+    size = len(text.encode())
+    if size > MAX_VALUE_BYTES:
+        raise UsageError(f"value is {size} bytes serialized; the limit is {MAX_VALUE_BYTES}")
+    return text
+
+
+def parse_value(text: str, *, as_string: bool = False) -> Any:
+    """Parse a command-line value as JSON (or keep it a string with `as_string`)."""
+    if as_string:
+        value: Any = text
+    else:
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise UsageError(
+                f"value is not valid JSON ({exc.args[0]}); use --string to store it as text"
+            ) from exc
+    encode_value(value)
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def channel_for(org_id: str, service: str, key: str) -> str:
+    """The Redis channel announcing changes of one entry."""
+    return f"{CHANNEL_PREFIX}:{org_id}:{service}:{key}"
+
+
+def org_pattern(org_id: str) -> str:
+    """The Redis pattern covering every entry of one org."""
+    return f"{CHANNEL_PREFIX}:{org_id}:*"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One applied config entry as the agent holds it (deleted entries are not held)."""
+
+    service: str
+    key: str
+    value: Any
+    version: int
+    revision: int
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the change log as fetched from PostgreSQL (a tombstone when `deleted`)."""
+
+    service: str
+    key: str
+    value: Any
+    version: int
+    revision: int
+    deleted: bool
+    updated_at: str
+    # Commit time as Unix seconds, when known (for the propagation histogram).
+    committed_at: float | None = None
+
+    def to_event(self) -> dict[str, Any]:
+        """The SSE / hook representation of this change."""
+        return {
+            "service": self.service,
+            "key": self.key,
+            "version": self.version,
+            "revision": self.revision,
+            "value": None if self.deleted else self.value,
+            "deleted": self.deleted,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A validated "entry X is now at version N" message (SPEC §2). Never carries a value."""
+
+    org_id: str
+    service: str
+    key: str
+    version: int
+    revision: int
+    ts: float
+
+    def to_json(self) -> str:
+        """The wire form published on Redis and in pg_notify."""
+        return json.dumps(
+            {
+                "org_id": self.org_id,
+                "service": self.service,
+                "key": self.key,
+                "version": self.version,
+                "revision": self.revision,
+                "ts": self.ts,
+            },
+            separators=(",", ":"),
+        )
+
+    @property
+    def channel(self) -> str:
+        """The Redis channel this announcement belongs on."""
+        return channel_for(self.org_id, self.service, self.key)
+
+
+class InvalidMessage(ValueError):
+    """A Redis message that is not a well-formed announcement."""
+
+
+def parse_announcement(channel: str | bytes, data: str | bytes) -> Announcement:
+    """Validate a raw Redis message strictly; raise InvalidMessage naming the problem."""
+    if isinstance(data, bytes | bytearray):
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise InvalidMessage("message too large")
+        try:
+            data = data.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidMessage("message is not UTF-8") from exc
+    if isinstance(channel, bytes | bytearray):
+        channel = channel.decode(errors="replace")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage("message too large")
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidMessage("message is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise InvalidMessage("message is not a JSON object")
+    names = {}
+    for field in ("org_id", "service", "key"):
+        value = doc.get(field)
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise InvalidMessage(f"field {field!r} missing or invalid")
+        names[field] = value
+    numbers = {}
+    for field in ("version", "revision"):
+        value = doc.get(field)
+        if type(value) is not int or not 1 <= value <= MAX_VERSION:
+            raise InvalidMessage(f"field {field!r} missing or not a positive integer")
+        numbers[field] = value
+    ts = doc.get("ts", 0.0)
+    if type(ts) not in (int, float) or not math.isfinite(ts):
+        raise InvalidMessage("field 'ts' is not a number")
+    ann = Announcement(
+        org_id=names["org_id"],
+        service=names["service"],
+        key=names["key"],
+        version=numbers["version"],
+        revision=numbers["revision"],
+        ts=float(ts),
+    )
+    if channel != ann.channel:
+        raise InvalidMessage("channel does not match the message fields")
+    return ann

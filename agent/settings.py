@@ -1,0 +1,200 @@
+"""Settings (SPEC §6): environment variables with prefix CONFIG_AGENT_, flags override.
+
+Parsed once at start, frozen, and passed down; no other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from agent.errors import UsageError
+from agent.model import NAME_RE, NAME_RULE
+
+_SIGNALS = {"HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "WINCH", "CONT"}
+
+
+def _octal_mode(value: Any) -> int:
+    """Accept a file mode as an octal string ("0640") or an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        text = str(value).strip()
+        if not re.fullmatch(r"0?[0-7]{3,4}", text):
+            raise ValueError("must be an octal mode such as 0640")
+        mode = int(text, 8)
+    if not 0 <= mode <= 0o7777:
+        raise ValueError("must be an octal mode such as 0640")
+    return mode
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+Seconds = Annotated[float, AfterValidator(_positive)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Settings(BaseSettings):
+    """Every setting of config-agent; see README "Settings" for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CONFIG_AGENT_", frozen=True, extra="ignore")
+
+    # PostgreSQL: writers use an app role; agents use their tenant reader role.
+    database_url: str | None = None
+    # Where the agent reads (a replica); defaults to database_url.
+    database_read_url: str | None = None
+    # Password read from a file (a mounted Secret); re-read before every new connection.
+    database_password_file: Path | None = None
+    # redis:// or rediss://
+    redis_url: str | None = None
+    # Redis password read from a file, re-read before every new connection.
+    redis_password_file: Path | None = None
+    # CA bundle that signs the Redis server certificate (rediss://).
+    redis_ca_file: Path | None = None
+    # The tenant; required for `run` and `once`.
+    org_id: str | None = None
+    # Only these services (comma-separated); empty = all.
+    services: Annotated[tuple[str, ...], NoDecode] = ()
+    # Local API (loopback only unless http_allow_remote).
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8790
+    http_allow_remote: bool = False
+    # Also serve the API on this Unix socket, with this mode.
+    socket_path: Path | None = None
+    socket_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o660
+    # Shared file set (configs.json, configs.env, {service}/{key}) and its modes.
+    output_dir: Path | None = None
+    file_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o644
+    dir_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o755
+    # Last-known-good snapshot, served (stale) when PostgreSQL is down at start.
+    state_dir: Path | None = None
+    # Prometheus metrics plus /healthz and /readyz for kubelet probes (0 = off).
+    metrics_host: str = "0.0.0.0"
+    metrics_port: Port = 9790
+    # Full revision check every this many seconds (±10 % jitter).
+    reconcile_interval: Seconds = 300.0
+    # Revision polling while Redis is down.
+    fallback_poll_interval: Seconds = 5.0
+    # No successful sync for this long → stale.
+    stale_after: Seconds = 600.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Change hooks, run after the file set (or snapshot) changed, debounced.
+    on_change_exec: str | None = None
+    on_change_signal: str | None = None
+    signal_pidfile: Path | None = None
+    on_change_webhook: str | None = None
+    hook_debounce: float = Field(default=0.2, ge=0)
+    hook_timeout: Seconds = 10.0
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _split_services(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _check_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not NAME_RE.match(name):
+                raise ValueError(f"service {name!r} {NAME_RULE}")
+        return value
+
+    @field_validator("org_id")
+    @classmethod
+    def _check_org(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_RE.match(value):
+            raise ValueError(NAME_RULE)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis:// or rediss://")
+        return value
+
+    @field_validator("database_url", "database_read_url")
+    @classmethod
+    def _check_db_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("on_change_signal")
+    @classmethod
+    def _check_signal(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.upper().removeprefix("SIG")
+        if name not in _SIGNALS:
+            raise ValueError(f"must be one of {', '.join(sorted(_SIGNALS))}")
+        return name
+
+    @field_validator("on_change_webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if not self.http_allow_remote and not _is_loopback(self.http_host):
+            raise ValueError(
+                f"http_host {self.http_host!r} is not a loopback address; "
+                "set CONFIG_AGENT_HTTP_ALLOW_REMOTE=true to allow it"
+            )
+        if self.on_change_signal and not self.signal_pidfile:
+            raise ValueError("on_change_signal needs signal_pidfile")
+        return self
+
+    @property
+    def read_url(self) -> str | None:
+        """Where the agent reads from: the replica URL if set, else the primary."""
+        return self.database_read_url or self.database_url
+
+    def require(self, *names: str) -> None:
+        """Raise a one-line UsageError for the first required setting that is missing."""
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                raise UsageError(
+                    f"setting {name} is required (CONFIG_AGENT_{name.upper()} or --{name.replace('_', '-')})"
+                )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment plus explicit overrides (flags).
+
+    Raises UsageError with one line naming the first bad setting.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(part) for part in err.get("loc", ())) or "settings"
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if loc == "settings":
+            raise UsageError(f"invalid settings: {msg}") from exc
+        raise UsageError(f"invalid setting CONFIG_AGENT_{loc.upper()}: {msg}") from exc
