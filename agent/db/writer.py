@@ -30,12 +30,6 @@ from agent.redis_client import RedisPublisher
 
 log = logging.getLogger("agent.writer")
 
-# Locks the org's counter row first, so that concurrent writers of one org queue
-# here instead of deadlocking on entry rows in different orders.
-LOCK_ORG = """
-INSERT INTO config_orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING;
-"""
-SELECT_ORG_FOR_UPDATE = "SELECT revision FROM config_orgs WHERE org_id = $1 FOR UPDATE"
 SET_CONTEXT = """
 SELECT set_config('config_agent.actor', $1, true),
        set_config('config_agent.reason', coalesce($2, ''), true),
@@ -45,6 +39,9 @@ SELECT_ENTRY = """
 SELECT org_id, service, key, value::text AS value, version, revision, deleted, updated_at, updated_by
   FROM service_configs WHERE org_id = $1 AND service = $2 AND key = $3
 """
+# Lock order everywhere is entry row, then the org counter (taken by the trigger):
+# the same order a plain-SQL UPDATE or INSERT … ON CONFLICT follows, so no deadlock.
+LOCK_ENTRY = SELECT_ENTRY + " FOR UPDATE"
 UPSERT = """
 INSERT INTO service_configs AS c (org_id, service, key, value) VALUES ($1, $2, $3, $4::jsonb)
 ON CONFLICT (org_id, service, key) DO UPDATE SET value = EXCLUDED.value, deleted = false
@@ -242,10 +239,8 @@ class ConfigWriter:
         _check_names(org_id, service, key)
         try:
             async with self._conn.transaction():
-                await self._conn.execute(LOCK_ORG, org_id)
-                await self._conn.fetchval(SELECT_ORG_FOR_UPDATE, org_id)
                 await self._conn.fetchrow(SET_CONTEXT, actor, reason, action)
-                current = await self._conn.fetchrow(SELECT_ENTRY, org_id, service, key)
+                current = await self._conn.fetchrow(LOCK_ENTRY, org_id, service, key)
                 live_version = 0 if current is None or current["deleted"] else current["version"]
                 if must_exist and live_version == 0:
                     raise NotFoundError(f"no entry {org_id}/{service}/{key}")
