@@ -1,0 +1,197 @@
+"""Composition root: builds every component from Settings and runs them in one task group."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import anyio
+from anyio.abc import CancelScope, TaskStatus
+from prometheus_client import CollectorRegistry
+
+from agent.credentials import watch_credentials
+from agent.errors import SourceError, UsageError
+from agent.metrics import Metrics
+from agent.settings import Settings
+from agent.sources.postgres import PgSource
+from agent.sources.redis_events import RedisEvents
+from agent.sources.sync import Syncer
+from agent.state import load_snapshot, save_snapshot
+from agent.status import SyncStatus
+from agent.store import Store
+
+log = logging.getLogger("agent")
+
+
+class Agent:
+    """One tenant agent: store, sync engine, Redis subscription, sinks."""
+
+    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+        settings.require("org_id", "database_url")
+        if not settings.redis_url:
+            log.warning("no Redis URL: changes arrive by polling every %.0fs",
+                        settings.fallback_poll_interval)
+        self.settings = settings
+        org_id = settings.org_id or ""
+        self.metrics = Metrics(org_id, registry)
+        self.status = SyncStatus(metrics=self.metrics)
+        self.store = Store(org_id, on_applied=self.metrics.on_applied)
+        self.source = PgSource(settings.read_url or "", org_id, settings.services,
+                               password_file=settings.database_password_file)
+        self.syncer = Syncer(
+            self.store, self.status, self.source, org_id=org_id, services=settings.services,
+            reconcile_interval=settings.reconcile_interval,
+            fallback_poll_interval=settings.fallback_poll_interval,
+            stale_after=settings.stale_after,
+        )
+        self.events = None
+        if settings.redis_url:
+            self.events = RedisEvents(
+                settings.redis_url, org_id,
+                on_message=self.syncer.on_message,
+                on_connected=self.syncer.on_redis_connected,
+                on_disconnected=self.syncer.on_redis_disconnected,
+                password_file=settings.redis_password_file, ca_file=settings.redis_ca_file,
+            )
+        self.file_sink = None
+        if settings.output_dir is not None:
+            from agent.sinks.files import FileSink
+
+            self.file_sink = FileSink(settings.output_dir, file_mode=settings.file_mode,
+                                      dir_mode=settings.dir_mode)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve, subscribe, warm-load, then keep in sync; `started` once ready."""
+        async with anyio.create_task_group() as tg:
+            await self._start_servers(tg)
+            # Subscribe first, then load: no window in which a change can be missed.
+            if self.events is not None:
+                await tg.start(self.events.run)
+            else:
+                self.syncer.on_redis_disconnected("no Redis configured")
+            await self._first_load(tg)
+            await self._write_outputs()
+            tg.start_soon(self.syncer.run_fetcher)
+            tg.start_soon(self.syncer.run_reconciler)
+            tg.start_soon(self.syncer.run_fallback_poll)
+            tg.start_soon(self.syncer.run_staleness)
+            tg.start_soon(self._run_outputs)
+            tg.start_soon(self._watch_credentials)
+            self.status.set_ready(True)
+            snap = self.store.snapshot
+            log.info("ready: org %s at revision %d with %d entries%s", snap.org_id, snap.revision,
+                     len(snap.entries), " (stale: PostgreSQL unreachable)" if snap.stale else "")
+            task_status.started()
+
+    async def load_once(self) -> None:
+        """`once`: one full load from PostgreSQL, outputs written; raises SourceError."""
+        await self.syncer.warm_load()
+        await self._write_outputs()
+        await self.source.close()
+
+    async def _first_load(self, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            await self.syncer.warm_load()
+            return
+        except SourceError as exc:
+            self.status.set_db(False, str(exc))
+            log.warning("cannot warm-load from PostgreSQL: %s", exc)
+        restored = None
+        if self.settings.state_dir is not None:
+            restored = load_snapshot(self.settings.state_dir, self.store.snapshot.org_id)
+        if restored is None:
+            # Nothing to serve yet: stay unready until the database answers.
+            await self.syncer.warm_load_until_done()
+            return
+        entries, revision = restored
+        snapshot = self.store.restore(entries, revision=revision)
+        self.metrics.set_versions({(e.service, e.key): e.version for e in entries})
+        self.metrics.stale.set(1)
+        log.warning("serving the last-known-good snapshot (revision %d), flagged stale",
+                    snapshot.revision)
+        tg.start_soon(self.syncer.warm_load_until_done)
+
+    async def _start_servers(self, tg: anyio.abc.TaskGroup) -> None:
+        from agent.sinks.server import serve_api
+
+        # API (TCP + socket) and the metrics/probe port; /readyz says 503 until loaded.
+        self.listening = await tg.start(serve_api, self.store, self.status, self.settings)
+
+    async def _write_outputs(self) -> None:
+        snapshot = self.store.snapshot
+        if self.file_sink is not None:
+            await anyio.to_thread.run_sync(self.file_sink.write, snapshot)
+        if self.settings.state_dir is not None and not snapshot.stale:
+            await anyio.to_thread.run_sync(save_snapshot, self.settings.state_dir, snapshot)
+
+    async def _run_outputs(self) -> None:
+        """Files, hooks and the last-known-good snapshot follow every new snapshot."""
+        async with anyio.create_task_group() as tg:
+            hooks = None
+            if _hooks_configured(self.settings):
+                from agent.sinks.hooks import HookRunner
+
+                hooks = HookRunner(self.settings, org_id=self.store.snapshot.org_id)
+                tg.start_soon(hooks.run)
+            if self.file_sink is not None:
+                on_swapped = hooks.notify if hooks is not None else None
+                tg.start_soon(partial(self.file_sink.run, self.store, on_swapped=on_swapped))
+            elif hooks is not None:
+                tg.start_soon(hooks.follow, self.store)
+            if self.settings.state_dir is not None:
+                tg.start_soon(self._persist_state, self.settings.state_dir)
+
+    async def _persist_state(self, state_dir: Path) -> None:
+        generation = self.store.snapshot.generation
+        while True:
+            snapshot = await self.store.wait_newer(generation)
+            generation = snapshot.generation
+            if not snapshot.stale:
+                try:
+                    await anyio.to_thread.run_sync(save_snapshot, state_dir, snapshot)
+                except OSError as exc:
+                    log.error("cannot write the last-known-good snapshot: %s", exc)
+
+    async def _watch_credentials(self) -> None:
+        files: dict[Path, Callable[[], Awaitable[None]]] = {}
+        if self.settings.database_password_file is not None:
+            files[self.settings.database_password_file] = self.source.reconnect
+        await watch_credentials(files)
+
+
+def _hooks_configured(settings: Settings) -> bool:
+    return bool(settings.on_change_exec or settings.on_change_signal or settings.on_change_webhook)
+
+
+async def stop_on_signal(scope: CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def run_agent(settings: Settings) -> int:
+    """`config-agent run` until SIGTERM/SIGINT; exit code 0 on a clean stop."""
+    agent = Agent(settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_signal, tg.cancel_scope)
+        await tg.start(agent.run)
+    await agent.source.close()
+    return 0
+
+
+async def run_once(settings: Settings) -> int:
+    """`config-agent once`: exit 0 after writing everything, 1 if the source is unreachable."""
+    if settings.output_dir is None and settings.state_dir is None:
+        raise UsageError("once needs CONFIG_AGENT_OUTPUT_DIR or CONFIG_AGENT_STATE_DIR "
+                         "(somewhere to write)")
+    agent = Agent(settings)
+    await agent.load_once()
+    snap = agent.store.snapshot
+    log.info("wrote org %s at revision %d (%d entries)", snap.org_id, snap.revision,
+             len(snap.entries))
+    return 0

@@ -1,0 +1,1 @@
+"""Sources of changes: PostgreSQL (warm-load, deltas), Redis announcements, timers."""

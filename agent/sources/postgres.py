@@ -1,0 +1,144 @@
+"""Reading an org's entries from PostgreSQL: warm-load and "changes after revision R".
+
+Each read is ONE query in one snapshot, returning the org revision beside the rows,
+so the agent's revision and its entries always agree. Deltas come from the
+append-only history, so every change (not only the latest per entry) is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import asyncpg
+
+from agent.db.connect import CONNECTION_ERRORS, connect, describe
+from agent.errors import DatabaseError
+from agent.model import Change
+
+# Entries live now (deleted ones are not served), plus the org revision.
+WARM_LOAD = """
+SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
+       c.service, c.key, c.value::text AS value, c.version, c.revision, c.deleted,
+       c.updated_at
+  FROM (SELECT 1) AS one
+  LEFT JOIN service_configs c
+    ON c.org_id = $1 AND NOT c.deleted AND ($2::text[] IS NULL OR c.service = ANY($2))
+"""
+# Every change after a revision, in revision order, plus the org revision.
+CHANGES_SINCE = """
+SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
+       h.service, h.key, h.new_value::text AS value, h.version, h.revision, h.deleted,
+       h.changed_at AS updated_at
+  FROM (SELECT 1) AS one
+  LEFT JOIN LATERAL (
+        SELECT service, key, new_value, version, revision, deleted, changed_at
+          FROM config_history
+         WHERE org_id = $1 AND revision > $2 AND ($3::text[] IS NULL OR service = ANY($3))
+         ORDER BY revision
+         LIMIT $4) h ON true
+"""
+DELTA_PAGE = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The result of one read: changes and the org revision they bring the agent to."""
+
+    changes: list[Change]
+    revision: int
+    complete: bool = True
+
+
+def _rows_to_fetched(rows: list[asyncpg.Record], limit: int | None = None) -> Fetched:
+    org_revision = 0
+    changes: list[Change] = []
+    for row in rows:
+        org_revision = row["org_revision"] or 0
+        if row["service"] is None:
+            continue
+        ts = row["updated_at"]
+        changes.append(Change(
+            service=row["service"],
+            key=row["key"],
+            value=None if row["value"] is None else json.loads(row["value"]),
+            version=row["version"],
+            revision=row["revision"],
+            deleted=row["deleted"],
+            updated_at=ts.isoformat(),
+            committed_at=ts.timestamp(),
+        ))
+    if limit is not None and len(changes) >= limit:
+        # A page: only as far as the last row, the next page continues from there.
+        return Fetched(changes, changes[-1].revision, complete=False)
+    return Fetched(changes, org_revision)
+
+
+class PgSource:
+    """One lazily opened connection to the read database, reopened after failures."""
+
+    def __init__(
+        self,
+        url: str,
+        org_id: str,
+        services: tuple[str, ...] = (),
+        *,
+        password_file: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        page: int = DELTA_PAGE,
+    ) -> None:
+        self._url = url
+        self._org_id = org_id
+        self._services = list(services) or None
+        self._password_file = password_file
+        self._ssl_context = ssl_context
+        self._page = page
+        self._conn: asyncpg.Connection | None = None
+        # One connection, one query at a time (start-up catch-up may overlap the fetcher).
+        self._lock = anyio.Lock()
+        self.queries = 0  # for tests and benchmarks: queries sent
+
+    async def warm_load(self) -> Fetched:
+        """Every live entry of the org (filtered by service) and the org revision."""
+        rows = await self._fetch(WARM_LOAD, self._org_id, self._services)
+        return _rows_to_fetched(rows)
+
+    async def fetch_changes_since(self, revision: int) -> Fetched:
+        """Every change after `revision` (one page), with the org revision."""
+        rows = await self._fetch(CHANGES_SINCE, self._org_id, revision, self._services, self._page)
+        return _rows_to_fetched(rows, self._page)
+
+    async def reconnect(self) -> None:
+        """Drop the connection so the next read logs in anew (new credentials)."""
+        async with self._lock:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the connection if open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=2)
+            except Exception:  # closing a broken connection may fail; it is gone either way
+                conn.terminate()
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        async with self._lock:
+            return await self._fetch_locked(sql, *args)
+
+    async def _fetch_locked(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(self._url, password_file=self._password_file,
+                                       ssl_context=self._ssl_context)
+        self.queries += 1
+        try:
+            return list(await self._conn.fetch(sql, *args, timeout=30))
+        except CONNECTION_ERRORS as exc:
+            await self.close()
+            raise DatabaseError(f"PostgreSQL read failed: {describe(exc)}") from exc
+        except asyncpg.PostgresError as exc:
+            await self.close()
+            raise DatabaseError(f"PostgreSQL read failed: {describe(exc)}") from exc

@@ -1,0 +1,228 @@
+"""The sync engine of SPEC §3: announcements → coalesced delta fetches → store.apply().
+
+One fetch in flight at a time, at most one more queued; periodic reconcile with
+jitter; revision polling while Redis is down; retries with backoff while
+PostgreSQL is down; staleness after `stale_after` without a successful sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+
+from agent.errors import DatabaseError, SourceError
+from agent.model import InvalidMessage, parse_announcement
+from agent.sources.backoff import Backoff, jittered
+from agent.sources.postgres import Fetched, PgSource
+from agent.status import SyncStatus
+from agent.store import Store
+
+log = logging.getLogger("agent.sync")
+
+# Delays before re-reading when the database shows an older version than announced
+# (a replica behind, or a publish that overtook the commit); then reconcile owns it.
+LAG_RETRIES = (0.005, 0.02, 0.1, 0.25)
+# Source precedence when several requests coalesce into one fetch.
+_RANK = {"reconcile": 0, "poll": 1, "pubsub": 2}
+
+
+class Syncer:
+    """Owns every read from PostgreSQL after start; sources only *request* fetches."""
+
+    def __init__(
+        self,
+        store: Store,
+        status: SyncStatus,
+        source: PgSource,
+        *,
+        org_id: str,
+        services: tuple[str, ...] = (),
+        reconcile_interval: float = 300.0,
+        fallback_poll_interval: float = 5.0,
+        stale_after: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        db_backoff: Backoff | None = None,
+    ) -> None:
+        self.store = store
+        self.status = status
+        self.source = source
+        self.org_id = org_id
+        self.services = frozenset(services)
+        self.reconcile_interval = reconcile_interval
+        self.fallback_poll_interval = fallback_poll_interval
+        self.stale_after = stale_after
+        self._clock = clock
+        self._db_backoff = db_backoff or Backoff(initial=0.5, cap=30.0)
+        self._wanted = anyio.Event()
+        self._wanted_source: str | None = None
+        # (service, key) → highest announced version not yet applied.
+        self._pending: dict[tuple[str, str], int] = {}
+        self._redis_down = anyio.Event()
+        self._redis_up = anyio.Event()
+
+    # -- start -----------------------------------------------------------------
+
+    async def warm_load(self) -> None:
+        """The first full load; raises SourceError when PostgreSQL cannot be read."""
+        fetched = await self.source.warm_load()
+        self.status.set_db(True)
+        self.store.apply(fetched.changes, revision=fetched.revision, source="warmload")
+
+    async def warm_load_until_done(self) -> None:
+        """Retry the first load with backoff until it succeeds (used after a stale restore)."""
+        while True:
+            try:
+                if self.store.snapshot.loaded:
+                    await self._fetch_all("reconcile")
+                else:
+                    await self.warm_load()
+                self._db_backoff.reset()
+                return
+            except SourceError as exc:
+                self.status.set_db(False, str(exc))
+                delay = self._db_backoff.next()
+                log.warning("cannot load from PostgreSQL (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+
+    # -- inputs from Redis -----------------------------------------------------
+
+    def on_message(self, channel: bytes | str, data: bytes | str) -> None:
+        """Validate one Redis message; request a fetch if it announces something new."""
+        try:
+            ann = parse_announcement(channel, data)
+        except InvalidMessage:
+            self.status.count_message("invalid")
+            return
+        if ann.org_id != self.org_id or (self.services and ann.service not in self.services):
+            self.status.count_message("foreign")
+            return
+        ident = (ann.service, ann.key)
+        if ann.version <= self.store.version_of(*ident) or ann.revision <= self.store.snapshot.revision:
+            self.status.count_message("duplicate")
+            return
+        if ann.version <= self._pending.get(ident, 0):
+            self.status.count_message("duplicate")
+            return
+        self._pending[ident] = ann.version
+        self.status.count_message("applied")
+        self.request("pubsub")
+
+    def on_redis_connected(self) -> None:
+        """Subscribed (again): replay whatever was missed while down."""
+        was_down = self._redis_down.is_set()
+        self.status.set_redis(True)
+        self._redis_down = anyio.Event()
+        self._redis_up.set()
+        if was_down:
+            log.info("Redis subscription restored; fetching missed changes")
+            self.request("poll")
+
+    def on_redis_disconnected(self, reason: str) -> None:
+        """Lost Redis: keep serving; the fallback poll takes over."""
+        self.status.set_redis(False)
+        self._redis_up = anyio.Event()
+        self._redis_down.set()
+
+    # -- the fetch loop --------------------------------------------------------
+
+    def request(self, source: str) -> None:
+        """Ask for one delta fetch; requests made while a fetch runs coalesce into one more."""
+        if self._wanted_source is None or _RANK[source] > _RANK[self._wanted_source]:
+            self._wanted_source = source
+        self._wanted.set()
+
+    async def run_fetcher(self) -> None:
+        """Serve fetch requests one at a time, retrying with backoff while PostgreSQL is down."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = anyio.Event()
+            source, self._wanted_source = self._wanted_source or "reconcile", None
+            try:
+                await self._fetch_all(source)
+                await self._chase_lag(source)
+                self._db_backoff.reset()
+            except SourceError as exc:
+                self.status.set_db(False, str(exc))
+                self.request(source)
+                delay = self._db_backoff.next()
+                log.warning("PostgreSQL read failed (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+
+    async def _fetch_all(self, source: str) -> None:
+        while True:
+            fetched = await self.source.fetch_changes_since(self.store.snapshot.revision)
+            self._apply(fetched, source)
+            if fetched.complete:
+                return
+
+    def _apply(self, fetched: Fetched, source: str) -> None:
+        self.status.set_db(True)
+        unannounced: set[tuple[str, str, int]] = set()
+        if source == "reconcile":
+            unannounced = {(c.service, c.key, c.version) for c in fetched.changes
+                           if c.version > self._pending.get((c.service, c.key), 0)}
+        applied = self.store.apply(fetched.changes, revision=fetched.revision, source=source)
+        if source == "reconcile" and applied.changes:
+            drift = sum(1 for c in applied.changes if (c.service, c.key, c.version) in unannounced)
+            if drift:
+                log.warning("reconcile found %d change(s) pub/sub had not delivered", drift)
+                self.status.count_drift(drift)
+        for change in applied.changes:
+            ident = (change.service, change.key)
+            if self._pending.get(ident, 0) <= change.version:
+                self._pending.pop(ident, None)
+        self.status.updates.update({source: len(applied.changes)} if applied.changes else {})
+
+    async def _chase_lag(self, source: str) -> None:
+        """Re-read briefly while an announced version is not visible yet; never go back."""
+        for delay in LAG_RETRIES:
+            if not self._outstanding():
+                return
+            await anyio.sleep(delay)
+            await self._fetch_all(source)
+        if self._outstanding():
+            log.info("%d announced change(s) not visible yet; reconcile will pick them up",
+                     len(self._pending))
+            self._pending.clear()
+
+    def _outstanding(self) -> bool:
+        for ident, version in list(self._pending.items()):
+            if self.store.version_of(*ident) >= version:
+                del self._pending[ident]
+        return bool(self._pending)
+
+    # -- timers ----------------------------------------------------------------
+
+    async def run_reconciler(self) -> None:
+        """Every reconcile_interval ± 10 %: compare revisions, fetch on mismatch."""
+        while True:
+            await anyio.sleep(jittered(self.reconcile_interval))
+            self.request("reconcile")
+
+    async def run_fallback_poll(self) -> None:
+        """While Redis is down, poll the org revision every fallback_poll_interval."""
+        while True:
+            await self._redis_down.wait()
+            while self._redis_down.is_set():
+                with anyio.move_on_after(self.fallback_poll_interval):
+                    await self._redis_up.wait()
+                if self._redis_down.is_set():
+                    self.request("poll")
+
+    async def run_staleness(self) -> None:
+        """Flag the snapshot stale after stale_after seconds without a successful sync."""
+        step = min(1.0, self.stale_after / 10)
+        while True:
+            snapshot = self.store.snapshot
+            overdue = snapshot.last_sync == 0 or self._clock() - snapshot.last_sync > self.stale_after
+            if overdue and not snapshot.stale:
+                log.warning("no successful sync for %.0fs: serving stale values", self.stale_after)
+            self.store.set_stale(overdue)
+            self.status.metrics.stale.set(int(self.store.snapshot.stale))
+            await anyio.sleep(step)
+
+
+__all__ = ["Syncer", "DatabaseError"]
