@@ -9,7 +9,8 @@ from functools import partial
 from pathlib import Path
 
 import anyio
-from anyio.abc import CancelScope, TaskStatus
+from anyio import CancelScope
+from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from agent.credentials import watch_credentials

@@ -159,9 +159,12 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture
-def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivatePostgres]:
+def private_postgres() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this test's own (initdb + pg_ctl), migrated, on a free port."""
-    server = PrivatePostgres(tmp_path_factory.mktemp("private-pg"))
+    import tempfile
+
+    # Not under pytest's tmp_path: that is private to root, and postgres must not run as root.
+    server = PrivatePostgres(Path(tempfile.mkdtemp(prefix="config-agent-pg-")))
     server.init()
     server.start()
     server.migrate()

@@ -10,8 +10,8 @@ import asyncpg
 from agent.db.writer import ConfigWriter
 
 
-async def main(url: str, org: str, worker: int, changes: int) -> None:
-    writer = await ConfigWriter.open(url)
+async def main(url: str, org: str, worker: int, changes: int, redis_url: str | None = None) -> None:
+    writer = await ConfigWriter.open(url, redis_url=redis_url)
     raw = await asyncpg.connect(url)
     try:
         for i in range(changes):
@@ -31,4 +31,5 @@ async def main(url: str, org: str, worker: int, changes: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+              sys.argv[5] if len(sys.argv) > 5 else None)

@@ -1,0 +1,60 @@
+"""Run a real agent in the test's event loop, and wait for conditions on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import asyncpg
+
+from agent.app import Agent
+from agent.settings import load_settings
+from tests.servers import free_port
+
+
+@asynccontextmanager
+async def running_agent(**overrides: Any) -> AsyncIterator[Agent]:
+    """Start an agent with test-friendly defaults; stop it on exit."""
+    options: dict[str, Any] = {"http_port": free_port(), "metrics_port": free_port()}
+    options.update(overrides)
+    agent = Agent(load_settings(**options))
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(30):
+            await tg.start(agent.run)
+        try:
+            yield agent
+        finally:
+            tg.cancel_scope.cancel()
+    await agent.source.close()
+
+
+async def eventually(check: Callable[[], bool], timeout: float, what: str = "condition") -> float:
+    """Wait until `check()` holds; return the seconds it took (fail after `timeout`)."""
+    start = anyio.current_time()
+    while not check():
+        if anyio.current_time() - start > timeout:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        await anyio.sleep(0.005)
+    return anyio.current_time() - start
+
+
+async def db_state(db: asyncpg.Connection, org: str) -> dict[tuple[str, str], tuple[Any, int]]:
+    """The live entries of an org in PostgreSQL: (service, key) → (value, version)."""
+    import json
+
+    rows = await db.fetch("SELECT service, key, value::text AS value, version FROM service_configs "
+                          "WHERE org_id = $1 AND NOT deleted", org)
+    return {(r["service"], r["key"]): (json.loads(r["value"]), r["version"]) for r in rows}
+
+
+def agent_state(agent: Agent) -> dict[tuple[str, str], tuple[Any, int]]:
+    """The agent's snapshot in the same shape as `db_state`."""
+    return {k: (e.value, e.version) for k, e in agent.store.snapshot.entries.items()}
+
+
+def metric(agent: Agent, name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample value from the agent's registry (0 when absent)."""
+    value = agent.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
