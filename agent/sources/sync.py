@@ -123,6 +123,7 @@ class Syncer:
     def on_redis_disconnected(self, reason: str) -> None:
         """Lost Redis: keep serving; the fallback poll takes over."""
         self.status.set_redis(False)
+        self.status.last_error = f"Redis: {reason}"
         self._redis_up = anyio.Event()
         self._redis_down.set()
 
