@@ -111,3 +111,39 @@ async def test_agent_syncs_over_tls_with_acl_user_and_rls_role(
     await writer.close()
     await admin.aclose()
     await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_postgres_verify_full(private_postgres, tmp_path: Path, org: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import shutil
+
+    ca, crt, key = make_ca(tmp_path / "pgtls", "pg")
+    wrong_ca, _, _ = make_ca(tmp_path / "pgtls", "other")
+    for src, name in ((crt, "server.crt"), (key, "server.key")):
+        dest = private_postgres.data / name
+        shutil.copy(src, dest)
+        os.chmod(dest, 0o600)
+        if os.geteuid() == 0:
+            shutil.chown(dest, "postgres", "postgres")
+    with open(private_postgres.data / "postgresql.conf", "a") as conf:
+        conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    private_postgres.stop()
+    private_postgres.start()
+    writer = await ConfigWriter.open(private_postgres.admin_url)
+    await writer.set(org, "ai", "t", 1, actor="t")
+    await writer.close()
+    base = private_postgres.admin_url + "?sslmode=verify-full&sslrootcert="
+    async with running_agent(org_id=org, database_url=base + str(ca)) as agent:
+        assert agent_state(agent) == {("ai", "t"): (1, 1)}
+        conn = await asyncpg.connect(private_postgres.admin_url)
+        ssl_in_use = await conn.fetchval(
+            "SELECT bool_and(ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+            "WHERE a.application_name = 'config-agent'")
+        await conn.close()
+        assert ssl_in_use is True
+    from tests.servers import run_cli
+
+    proc = run_cli("once", env={"CONFIG_AGENT_DATABASE_URL": base + str(wrong_ca), "CONFIG_AGENT_ORG_ID": org,
+                                "CONFIG_AGENT_STATE_DIR": str(tmp_path / "st")})
+    assert proc.returncode == 1
+    assert "certificate verify failed" in proc.stderr.strip().splitlines()[-1]
