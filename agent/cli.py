@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_flags(p, CONNECTION_FLAGS)
         if agent:
             _add_flags(p, AGENT_FLAGS)
+            p.add_argument("--http-allow-remote", action="store_true", default=None,
+                           help="permit a non-loopback --http-host [env CONFIG_AGENT_HTTP_ALLOW_REMOTE]")
         return p
 
     command("run", "run the agent: warm-load, subscribe, serve HTTP/socket/files", agent=True)
