@@ -145,3 +145,22 @@ async def test_grant_reader_prints_a_least_privilege_acl(db_url: str, org: str, 
     conn = await asyncpg.connect(db_url)
     await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
     await conn.close()
+
+
+async def test_grant_reader_redis_apply(db_url: str, org: str, tmp_path, private_redis) -> None:  # type: ignore[no-untyped-def]
+    from agent.redis_client import redis_client
+
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    role = f"r_{org}"
+    proc = run_cli("grant-reader", "--org", org, "--role", role, "--password-file", str(pw), "--redis-apply",
+                   env={**env(db_url), "CONFIG_AGENT_REDIS_URL": private_redis.url}, check=True)
+    assert "applied Redis ACL" in proc.stdout and "s3cret" not in proc.stdout + proc.stderr
+    client = redis_client(f"redis://{role}:s3cret@127.0.0.1:{private_redis.port}")
+    assert await client.ping()
+    with pytest.raises(Exception, match="no permissions"):
+        await client.get("anything")
+    await client.aclose()
+    conn = await asyncpg.connect(db_url)
+    await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+    await conn.close()

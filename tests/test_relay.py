@@ -117,3 +117,22 @@ async def test_two_relays_lose_nothing_when_one_is_killed(db: asyncpg.Connection
             if r.poll() is None:
                 r.send_signal(signal.SIGTERM)
                 r.wait(timeout=10)
+
+
+async def test_relay_survives_redis_restart_and_reannounces(db: asyncpg.Connection, db_url: str, org: str,
+                                                           private_redis: Any) -> None:
+    relay = start_relay(db_url, private_redis.url)
+    try:
+        await wait_listening(db, 1)
+        private_redis.kill()
+        await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 't', '1')", org)
+        await db.execute("UPDATE service_configs SET value = '2' WHERE org_id = $1", org)
+        await anyio.sleep(0.5)
+        private_redis.start()
+        async with Subscriber(private_redis.url, org) as sub:
+            # Queued announcements are retried, and the latest change is re-announced.
+            await sub.drain(lambda: any(m[1]["version"] == 2 for m in sub.messages), 40)
+        assert relay.poll() is None
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(timeout=10) == 0
