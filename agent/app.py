@@ -130,18 +130,17 @@ class Agent:
 
     async def _run_outputs(self) -> None:
         """Files, hooks and the last-known-good snapshot follow every new snapshot."""
-        async with anyio.create_task_group() as tg:
-            hooks = None
-            if _hooks_configured(self.settings):
-                from agent.sinks.hooks import HookRunner
+        from agent.sinks.hooks import ChangeHooks
 
-                hooks = HookRunner(self.settings, org_id=self.store.snapshot.org_id)
-                tg.start_soon(hooks.run)
+        async with anyio.create_task_group() as tg:
+            hooks = ChangeHooks.from_settings(self.settings, self.metrics)
+            if hooks is not None:
+                await tg.start(hooks.run)
             if self.file_sink is not None:
                 on_swapped = hooks.notify if hooks is not None else None
-                tg.start_soon(partial(self.file_sink.run, self.store, on_swapped=on_swapped))
+                await tg.start(partial(self.file_sink.run, self.store, on_swapped=on_swapped))
             elif hooks is not None:
-                tg.start_soon(hooks.follow, self.store)
+                await tg.start(hooks.follow, self.store)
             if self.settings.state_dir is not None:
                 tg.start_soon(self._persist_state, self.settings.state_dir)
 
@@ -161,10 +160,6 @@ class Agent:
         if self.settings.database_password_file is not None:
             files[self.settings.database_password_file] = self.source.reconnect
         await watch_credentials(files)
-
-
-def _hooks_configured(settings: Settings) -> bool:
-    return bool(settings.on_change_exec or settings.on_change_signal or settings.on_change_webhook)
 
 
 async def stop_on_signal(scope: CancelScope) -> None:

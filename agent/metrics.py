@@ -74,6 +74,10 @@ class Metrics:
         for result in RESULTS:
             self.messages.labels(result=result)
         self.revision.labels(org_id=org_id)
+        self.hook_runs = Counter(
+            "config_agent_hook_runs", "Change hook runs, by hook (exec|signal|webhook) and result.",
+            ["hook", "result"], registry=r,
+        )
 
     def on_applied(self, applied: Applied, source: str) -> None:
         """Update gauges and the propagation histogram after a store apply."""

@@ -207,9 +207,9 @@ async def run_relay(settings: Settings) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, tg.cancel_scope)
         if settings.metrics_port:
-            from agent.sinks.server import serve_probe_metrics
+            from agent.sinks.server import serve_probes
 
-            await tg.start(serve_probe_metrics, relay.state.registry, lambda: relay.state.ready,
+            await tg.start(serve_probes, relay.state, relay.state.registry,
                            settings.metrics_host, settings.metrics_port)
         await tg.start(relay.run)
     await relay.publisher.close()

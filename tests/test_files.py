@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,13 @@ def test_changes_and_deletions_swap_the_whole_set(tmp_path: Path) -> None:
         source="pubsub",
     )
     assert sink.write(store.snapshot) is True
-    assert os.readlink(root / "..data") != first
-    assert generations(root) == [os.readlink(root / "..data")]  # the old one is gone
+    current = os.readlink(root / "..data")
+    assert current != first
+    # The retired generation stays a moment for readers still inside it, then goes.
+    assert generations(root) == sorted([first, current])
+    assert sink.remove_retired(now=time.monotonic() + 0.5) is True
+    assert sink.remove_retired(now=time.monotonic() + 1.5) is False
+    assert generations(root) == [current]
     assert sorted(os.listdir(root / "ai")) == ["threshold"]
     assert not os.path.lexists(root / "email")  # the link of a vanished service
     assert (root / "sms/sender").read_bytes() == b"acme"
@@ -196,13 +202,13 @@ async def test_run_coalesces_and_reports_each_swap(tmp_path: Path) -> None:
             await anyio.sleep(0.05)
             assert not (root / "..data").exists()  # nothing is written before the first load
             store.apply([change("ai", "t", 1, 1, 1)], revision=1, source="warmload")
-            while not (root / "..data").exists():
+            while not (root / "configs.json").exists():  # noqa: ASYNC110 (polls state outside the loop)
                 await anyio.sleep(0.01)
             for revision in range(2, 202):  # a burst, faster than writes
                 store.apply([change("ai", "t", revision, revision, revision)], revision=revision, source="pubsub")
             store.apply([change("ai", "gone", 1, 1, 202)], revision=202, source="pubsub")
             store.apply([change("ai", "gone", None, 2, 203, deleted=True)], revision=203, source="pubsub")
-            while json.loads((root / "configs.json").read_bytes())["revision"] != 203:
+            while json.loads((root / "configs.json").read_bytes())["revision"] != 203:  # noqa: ASYNC110 (polls state outside the loop)
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
     assert (root / "ai/t").read_bytes() == b"201"
@@ -316,7 +322,7 @@ async def test_readers_never_see_partial_or_mixed_sets(tmp_path: Path) -> None:
                 )
                 await anyio.sleep(0.002)  # rapid, yet slow enough for many separate swaps
             with anyio.fail_after(10):
-                while json.loads((root / "configs.json").read_bytes())["revision"] != revision:
+                while json.loads((root / "configs.json").read_bytes())["revision"] != revision:  # noqa: ASYNC110 (polls state outside the loop)
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
         stop.touch()
@@ -331,4 +337,11 @@ async def test_readers_never_see_partial_or_mixed_sets(tmp_path: Path) -> None:
     assert stats["errors"] == []
     assert len(swaps) > 50, "too few swaps to mean anything"
     assert stats["resolved"] > 50 and stats["visible"] > 20, stats
-    assert generations(root) == [os.readlink(root / "..data")]
+
+    # Once quiet, the retired generations are removed.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: sink.run(store))
+        with anyio.fail_after(5):
+            while generations(root) != [os.readlink(root / "..data")]:  # noqa: ASYNC110 (polls the disk)
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import textwrap
 import time
@@ -40,6 +39,11 @@ def summary(revision: int, key: str = "threshold", *, deleted: bool = False) -> 
     return ChangeSummary(ORG, revision, (ChangedEntry("ai", key, revision, deleted),))
 
 
+def entry_change(revision: int) -> Change:
+    """Entry ai/t moves to version = revision = value."""
+    return Change("ai", "t", revision, revision, revision, False, "x")
+
+
 def runs(metrics: Metrics, hook: str, result: str) -> float:
     """How often `hook` ended with `result`, read from the Prometheus registry."""
     value = metrics.registry.get_sample_value(
@@ -51,7 +55,7 @@ def runs(metrics: Metrics, hook: str, result: str) -> float:
 async def wait_for(condition: Any, seconds: float = 5.0) -> None:
     """Poll `condition()` until true."""
     with anyio.fail_after(seconds):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 (polls state outside the loop)
             await anyio.sleep(0.01)
 
 
@@ -272,13 +276,15 @@ async def test_hooks_never_hold_up_syncing_and_fire_after_the_files_changed(tmp_
         await tg.start(lambda *, task_status: sink.run(store, on_swapped=hooks.notify, task_status=task_status))
         for revision in range(2, 102):
             started = time.perf_counter()
-            store.apply([Change("ai", "t", revision, revision, revision, False, "x")], revision=revision, source="pubsub")
+            store.apply([entry_change(revision)], revision=revision, source="pubsub")
             assert time.perf_counter() - started < 0.05  # apply (and notify) never wait for a hook
             await anyio.sleep(0.002)
         await wait_for(lambda: seen.exists() and seen.read_text().endswith("101 101\n"), 10)
         tg.cancel_scope.cancel()
     lines = seen.read_text().splitlines()
-    assert all(a == b for a, b in (line.split() for line in lines))
+    # The files a hook reads are at least as new as the revision it was told about
+    # (they may have moved on while it ran), never older.
+    assert all(int(b) >= int(a) for a, b in (line.split() for line in lines))
     assert len(lines) <= 4  # bursts were coalesced
 
 
@@ -293,10 +299,9 @@ async def test_follow_notifies_on_new_snapshots_without_files(tmp_path: Path) ->
         await anyio.sleep(0.3)
         assert not log_file.exists()  # the first load is not a change
         for revision in range(2, 12):
-            store.apply([Change("ai", "t", revision, revision, revision, False, "x")], revision=revision, source="pubsub")
+            store.apply([entry_change(revision)], revision=revision, source="pubsub")
         store.set_stale(True)  # no entry moved: nothing to report
         await wait_for(lambda: log_file.exists())
         await anyio.sleep(0.4)
         tg.cancel_scope.cancel()
     assert log_file.read_text() == "11\n"
-    os.environ.get("PATH")  # (the hook inherited our environment)
