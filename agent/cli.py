@@ -55,7 +55,8 @@ AGENT_FLAGS = (
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[tuple[str, str]]) -> None:
     for flag, help_text in flags:
-        parser.add_argument(flag, default=None, help=f"{help_text} [env CONFIG_AGENT_{flag[2:].upper().replace('-', '_')}]")
+        env = "CONFIG_AGENT_" + flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, default=None, help=f"{help_text} [env {env}]")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

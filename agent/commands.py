@@ -180,7 +180,7 @@ async def _apply_acl(settings: Settings, acl: list[str]) -> None:
     client = redis_client(settings.redis_url or "", password_file=settings.redis_password_file,
                           ca_file=settings.redis_ca_file)
     try:
-        await client.execute_command(*acl)
+        await client.execute_command(*acl)  # type: ignore[no-untyped-call]
     except REDIS_ERRORS as exc:
         raise RedisError(f"cannot apply the Redis ACL: {type(exc).__name__}: {exc}") from exc
     finally:

@@ -28,7 +28,7 @@ class Metrics:
         clock: Callable[[], float] = time.time,
     ) -> None:
         # `_created` series double the scrape size and no alert or panel uses them.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.org_id = org_id
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock

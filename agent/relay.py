@@ -123,7 +123,7 @@ class Relay:
                 conn = await connect(self.settings.database_url or "",
                                      password_file=self.settings.database_password_file)
                 lost = anyio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.state.set_pg(True)
                 backoff.reset()

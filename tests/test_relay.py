@@ -58,7 +58,8 @@ class Subscriber:
 
 async def test_plain_sql_update_reaches_redis_through_the_relay(db: asyncpg.Connection, db_url: str,
                                                                 redis_url: str, org: str) -> None:
-    await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 'threshold', '0.5')", org)
+    await db.execute("INSERT INTO service_configs (org_id, service, key, value) "
+                     "VALUES ($1, 'ai', 'threshold', '0.5')", org)
     relay = start_relay(db_url, redis_url)
     try:
         async with Subscriber(redis_url, org) as sub:

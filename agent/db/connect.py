@@ -37,13 +37,13 @@ async def connect(
     url: str,
     *,
     password_file: Path | None = None,
-    timeout: float = 10.0,
+    connect_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
     **kwargs: Any,
 ) -> asyncpg.Connection:
     """Open one connection; the password file is read anew each time (rotation)."""
     password = read_secret(password_file)
-    options: dict[str, Any] = {"timeout": timeout, "server_settings": {"application_name": "config-agent"}}
+    options: dict[str, Any] = {"timeout": connect_timeout, "server_settings": {"application_name": "config-agent"}}
     if password is not None:
         options["password"] = password
     if ssl_context is not None:

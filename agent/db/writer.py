@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import time
@@ -212,7 +213,7 @@ class ConfigWriter:
 
     async def history(
         self, org_id: str, service: str | None = None, key: str | None = None, *, limit: int = 50
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[dict[str, Any]]:
         """Newest-first change history of an org, service or entry."""
         check_name("org", org_id)
         if service is not None:

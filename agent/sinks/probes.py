@@ -6,6 +6,8 @@ to this separate listener, which may bind all interfaces. It exposes no values.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -20,7 +22,6 @@ from agent.sinks.responses import (
     send_body,
     send_error,
 )
-from typing import Protocol
 
 _OK = dump_json({"status": "ok"}) + b"\n"
 _NOT_READY = dump_json({"status": "not ready"}) + b"\n"

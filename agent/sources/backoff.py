@@ -24,9 +24,9 @@ class Backoff:
 
     def next(self) -> float:
         """The next delay in seconds (grows until `cap`)."""
-        base = min(self.cap, self.initial * (2 ** self._attempt))
+        base: float = min(self.cap, self.initial * (2.0 ** self._attempt))
         self._attempt += 1
-        return max(0.0, base * self._rand(1 - self.jitter, 1 + self.jitter))
+        return max(0.0, base * float(self._rand(1 - self.jitter, 1 + self.jitter)))
 
     def reset(self) -> None:
         """Start again from `initial`."""
@@ -35,4 +35,4 @@ class Backoff:
 
 def jittered(interval: float, spread: float = 0.1, rand: Callable[[float, float], float] = random.uniform) -> float:
     """`interval` ± `spread` (a fraction), so that many pods don't act in lockstep."""
-    return interval * rand(1 - spread, 1 + spread)
+    return interval * float(rand(1 - spread, 1 + spread))

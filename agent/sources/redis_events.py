@@ -67,7 +67,7 @@ class RedisEvents:
                     started = True
                     task_status.started()
                 await self._listen(pubsub)
-            except (*REDIS_ERRORS, TimeoutError) as exc:
+            except REDIS_ERRORS as exc:  # TimeoutError included
                 reason = f"{type(exc).__name__}: {exc}"
                 self._on_disconnected(reason)
                 if not started:
@@ -99,7 +99,7 @@ async def _quietly_close(pubsub: object, client: object) -> None:
     assert isinstance(pubsub, PubSub) and isinstance(client, Redis)
     try:
         with anyio.move_on_after(2):
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
             await client.aclose()
     except Exception:  # the connection is already broken; nothing left to release
         log.debug("closing a broken Redis connection failed", exc_info=True)

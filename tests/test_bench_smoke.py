@@ -1,0 +1,71 @@
+"""The benchmarks keep working: each bench command in --smoke mode, and the JSON it writes.
+
+Needs the same servers as the benchmarks (PostgreSQL 15 server binaries, redis-server)
+and etcd (Debian `etcd-server`): a missing etcd fails here, it is never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUMMARY = {"n", "p50", "p90", "p99", "max", "mean"}
+
+
+def run_bench(name: str, tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIG_AGENT_")}
+    env["BENCH_RESULTS_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", f"bench.bench_{name}", "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| " in proc.stdout  # the table
+    doc = json.loads((tmp_path / f"{name}.smoke.json").read_text())
+    assert doc["smoke"] is True and doc["machine"]["nproc"] >= 1
+    return doc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_propagation_smoke(tmp_path: Path) -> None:
+    doc = run_bench("propagation", tmp_path)
+    for row in doc["in_process"]:
+        assert SUMMARY <= row["commit_to_applied_ms"].keys()
+        assert row["redis_publish_to_receive_ms"]["n"] > 0
+        assert row["writer_transaction_ms"]["n"] > 0
+        assert row["queries_per_change_agent_counter"] == 1
+    assert {"queries", "cpu_percent", "rss_mib"} <= doc["idle"].keys()
+    assert doc["idle"]["queries"] == 0
+    for row in doc["fleet"]:
+        assert row["timeouts"] == 0
+        for field in ("last_applied_ms", "last_served_ms", "last_files_swapped_ms"):
+            assert SUMMARY <= row[field].keys(), field
+        assert row["statements_per_change_per_agent"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_baselines_smoke(tmp_path: Path) -> None:
+    doc = run_bench("baselines", tmp_path)
+    kinds = {r["kind"] for r in doc["results"]}
+    assert kinds == {"ours", "listen", "poll1", "poll5", "etcd"}
+    for row in doc["results"]:
+        assert row["missed"] == 0, row
+        assert SUMMARY <= row["last_watcher_ms"].keys()
+        assert "pg_backends_held" in row and "statements_per_change_per_watcher" in row
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_footprint_smoke(tmp_path: Path) -> None:
+    doc = run_bench("footprint", tmp_path)
+    for case in doc["start"]:
+        assert SUMMARY <= case["process_start_to_ready_ms"].keys()
+        assert SUMMARY <= case["in_process_run_to_started_ms"].keys()
+        assert case["rss_mib_median"] > 0
+    assert doc["idle"]["queries"] == 0
