@@ -30,8 +30,9 @@ from tests.servers import (
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    # The agent runs on uvloop in production; the tests run on it too.
+    return ("asyncio", {"use_uvloop": True})
 
 
 def _embedded_postgres(tmp: Path) -> str:

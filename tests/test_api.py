@@ -24,27 +24,17 @@ import httpx
 import pytest
 
 from agent.metrics import Metrics
-from agent.model import Change
 from agent.settings import Settings
 from agent.sinks.render import configs_body
 from agent.sinks.server import ApiServer, Listening
 from agent.status import SyncStatus
 from agent.store import Store
+from tests.builders import STAMP, change
 
 pytestmark = pytest.mark.anyio
 ORG = "acme"
-STAMP = "2025-01-01T00:00:00+00:00"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> tuple[str, dict[str, Any]]:
-    # The agent runs on uvloop in production; test on it too.
-    return ("asyncio", {"use_uvloop": True})
-
-
-def change(service: str, key: str, value: Any, version: int, revision: int, *, deleted: bool = False) -> Change:
-    """A change as the database would deliver it."""
-    return Change(service, key, value, version, revision, deleted, STAMP)
 
 
 def loaded_store(history: int = 10_000) -> Store:

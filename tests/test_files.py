@@ -18,25 +18,16 @@ from typing import Any
 import anyio
 import pytest
 
-from agent.model import Change
 from agent.sinks.changes import ChangeSummary
 from agent.sinks.envfile import render_env
 from agent.sinks.files import FileSink
 from agent.sinks.render import configs_body
 from agent.store import Store
+from tests.builders import change
 
 ORG = "acme"
-STAMP = "2025-01-01T00:00:00+00:00"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> tuple[str, dict[str, Any]]:
-    return ("asyncio", {"use_uvloop": True})
-
-
-def change(service: str, key: str, value: Any, version: int, revision: int, *, deleted: bool = False) -> Change:
-    """A change as the database would deliver it."""
-    return Change(service, key, value, version, revision, deleted, STAMP)
 
 
 def store_with(entries: dict[tuple[str, str], Any]) -> Store:

@@ -29,10 +29,6 @@ pytestmark = pytest.mark.anyio
 ORG = "acme"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> tuple[str, dict[str, Any]]:
-    return ("asyncio", {"use_uvloop": True})
-
 
 def summary(revision: int, key: str = "threshold", *, deleted: bool = False) -> ChangeSummary:
     """A one-entry change summary."""
