@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.output import OutputLines
 from tests.servers import free_port
 
 START_TIMEOUT = 60.0
@@ -93,45 +93,28 @@ def still_running(tree: dict[int, str]) -> list[int]:
     return alive
 
 
-class Demo:
+class Demo(OutputLines):
     """A running `python -m agent demo` whose stdout is read line by line."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
         self.facts: dict[str, str] = {}
         self.tries: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(proc)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+    def on_line(self, line: str) -> None:
+        if line.startswith("try: "):
+            self.tries.append(line.removeprefix("try: "))
+        elif ": " in line and not line[0].isdigit():
+            name, _, value = line.partition(": ")
+            self.facts.setdefault(name, value)
 
     def wait_for(self, predicate: Any, timeout: float) -> str:
         """The next output line for which `predicate(line)` holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"demo did not print the expected line; got {self.output}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"demo exited ({self.proc.wait()}): {self.output}")
-            self.output.append(line)
-            if line.startswith("try: "):
-                self.tries.append(line.removeprefix("try: "))
-            elif ": " in line and not line[0].isdigit():
-                name, _, value = line.partition(": ")
-                self.facts.setdefault(name, value)
-            if predicate(line):
-                return line
+        line = self.next_line(predicate, timeout)
+        if line is None:
+            state = "exited" if self.proc.poll() is not None else "did not print the expected line"
+            raise AssertionError(f"demo {state}; got {self.output}")
+        return line
 
     def wait_ready(self) -> None:
         """Until the instructions are complete (the live view header follows them)."""

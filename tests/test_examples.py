@@ -8,13 +8,11 @@ the value with the CLI, and waits (bounded) for the example to print the new one
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +25,7 @@ import anyio
 import pytest
 
 from agent.db.writer import ConfigWriter
+from tests.output import OutputLines
 from tests.servers import free_port, run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -110,39 +109,21 @@ def agent(db_url: str, redis_url: str, org: str, tmp_path: Path) -> Iterator[Run
             shutil.rmtree(short, ignore_errors=True)
 
 
-class Example:
+class Example(OutputLines):
     """An example program running as a subprocess; its stdout is read line by line."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIG_")}
         full_env.update(env)
-        self.proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+        super().__init__(subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
 
     def expect(self, text: str, timeout: float = SEEN_WITHIN) -> str:
         """Wait for an output line containing `text`."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.output.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"{text!r} not printed within {timeout}s; got {self.output}")
+        line = self.next_line(lambda candidate: text in candidate, timeout)
+        if line is None:
+            raise AssertionError(f"{text!r} not printed within {timeout}s; got {self.output}")
+        return line
 
     def stop(self) -> str:
         """Stop the example; return its stderr (pipes closed)."""
