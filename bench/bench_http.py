@@ -234,9 +234,12 @@ def main() -> int:
     for label, ok in verdicts.items():
         print(f"  {'ok  ' if ok else 'MISS'} {label}")
     report["verdicts"] = verdicts
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    # Smoke runs never overwrite the full figures; BENCH_RESULTS_DIR redirects (tests).
+    out_dir = Path(os.environ.get("BENCH_RESULTS_DIR", RESULTS.parent))
+    out = out_dir / ("http.smoke.json" if args.smoke else RESULTS.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

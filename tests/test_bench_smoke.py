@@ -69,3 +69,17 @@ def test_footprint_smoke(tmp_path: Path) -> None:
         assert SUMMARY <= case["in_process_run_to_started_ms"].keys()
         assert case["rss_mib_median"] > 0
     assert doc["idle"]["queries"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_http_and_writes_smoke(tmp_path: Path, pg_admin_url: str) -> None:
+    """wrk against the agent's API and nginx; write throughput with 1 and 8 writers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIG_AGENT_")}
+    env["BENCH_RESULTS_DIR"] = str(tmp_path)
+    for script in ("bench/bench_http.py", f"bench/bench_writes.py --database-url {pg_admin_url}"):
+        proc = subprocess.run([sys.executable, *script.split(), "--smoke"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=80)
+        assert proc.returncode == 0, script + proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads((tmp_path / "http.smoke.json").read_text())["medians"]
+    assert json.loads((tmp_path / "writes.smoke.json").read_text())["writers_8"]["median_changes_per_s"] > 0
