@@ -47,6 +47,7 @@ class Agent:
             reconcile_interval=settings.reconcile_interval,
             fallback_poll_interval=settings.fallback_poll_interval,
             stale_after=settings.stale_after,
+            db_idle_timeout=settings.db_idle_timeout,
         )
         self.events = None
         if settings.redis_url:
@@ -79,6 +80,7 @@ class Agent:
             tg.start_soon(self.syncer.run_reconciler)
             tg.start_soon(self.syncer.run_fallback_poll)
             tg.start_soon(self.syncer.run_staleness)
+            tg.start_soon(self.syncer.run_idle_closer)
             tg.start_soon(self._run_outputs)
             tg.start_soon(self._watch_credentials)
             self.status.set_ready(True)

@@ -44,6 +44,7 @@ AGENT_FLAGS = (
     ("--reconcile-interval", "seconds between full revision checks (default 300)"),
     ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
     ("--stale-after", "seconds without a successful sync before stale (default 600)"),
+    ("--db-idle-timeout", "close the idle read connection after this many seconds (default 60, 0 = never)"),
     ("--on-change-exec", "shell command run after the files changed"),
     ("--on-change-signal", "signal (e.g. HUP) sent after the files changed"),
     ("--signal-pidfile", "file holding the pid to signal"),

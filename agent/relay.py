@@ -121,7 +121,8 @@ class Relay:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await connect(self.settings.database_url or "",
-                                     password_file=self.settings.database_password_file)
+                                     password_file=self.settings.database_password_file,
+                                     application_name="config-agent-relay")
                 lost = anyio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)

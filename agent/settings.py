@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     fallback_poll_interval: Seconds = 5.0
     # No successful sync for this long → stale.
     stale_after: Seconds = 600.0
+    # Close the read connection after this many idle seconds (0 = keep it open): a fleet
+    # holds no PostgreSQL backends between changes; the next change pays one connect.
+    db_idle_timeout: float = Field(default=60.0, ge=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Change hooks, run after the file set (or snapshot) changed, debounced.

@@ -20,14 +20,17 @@ async def running_agent(**overrides: Any) -> AsyncIterator[Agent]:
     options: dict[str, Any] = {"http_port": free_port(), "metrics_port": free_port()}
     options.update(overrides)
     agent = Agent(load_settings(**options))
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(30):
-            await tg.start(agent.run)
-        try:
-            yield agent
-        finally:
-            tg.cancel_scope.cancel()
-    await agent.source.close()
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(30):
+                await tg.start(agent.run)
+            try:
+                yield agent
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await agent.source.close()
 
 
 async def eventually(check: Callable[[], bool], timeout: float, what: str = "condition") -> float:

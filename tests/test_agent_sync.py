@@ -114,3 +114,24 @@ async def test_deletes_reach_the_agent(db: asyncpg.Connection, db_url: str, redi
         await writer.set(org, "ai", "t", 5, actor="t")
         await eventually(lambda: agent_state(agent) == {("ai", "t"): (5, 3)}, 2)
     await writer.close()
+
+
+async def test_idle_connection_is_closed_and_reopened_on_the_next_change(
+        db: asyncpg.Connection, db_url: str, redis_url: str, org: str) -> None:
+    writer = await ConfigWriter.open(db_url, redis_url=redis_url)
+    await writer.set(org, "ai", "t", 1, actor="t")
+
+    async def backends() -> int:
+        return int(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                     "application_name = 'config-agent' AND datname = current_database()"))
+
+    async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url,
+                             db_idle_timeout=0.3) as agent:
+        assert await backends() == 1
+        await eventually(lambda: not agent.source.connected, 2, "idle connection closed")
+        assert await backends() == 0
+        await writer.set(org, "ai", "t", 2, actor="t")
+        await eventually(lambda: agent_state(agent) == {("ai", "t"): (2, 2)}, 2, "applied after reconnect")
+        assert agent.source.connects == 2
+        assert metric(agent, "config_agent_db_connected") == 1
+    await writer.close()

@@ -28,7 +28,7 @@ def start_relay(db_url: str, redis_url: str) -> subprocess.Popen[bytes]:
 async def wait_listening(db: asyncpg.Connection, count: int) -> None:
     with anyio.fail_after(20):
         while await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                                "'config-agent' AND datname = current_database()") < count:
+                                "'config-agent-relay' AND datname = current_database()") < count:
             await anyio.sleep(0.05)
 
 

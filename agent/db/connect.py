@@ -39,11 +39,17 @@ async def connect(
     password_file: Path | None = None,
     connect_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
+    application_name: str = "config-agent",
     **kwargs: Any,
 ) -> asyncpg.Connection:
-    """Open one connection; the password file is read anew each time (rotation)."""
+    """Open one connection; the password file is read anew each time (rotation).
+
+    `application_name` tells operators in pg_stat_activity which part holds it:
+    config-agent (an agent), config-agent-relay, config-agent-writer.
+    """
     password = read_secret(password_file)
-    options: dict[str, Any] = {"timeout": connect_timeout, "server_settings": {"application_name": "config-agent"}}
+    options: dict[str, Any] = {"timeout": connect_timeout,
+                               "server_settings": {"application_name": application_name}}
     if password is not None:
         options["password"] = password
     if ssl_context is not None:

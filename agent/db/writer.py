@@ -123,7 +123,8 @@ class ConfigWriter:
         redis_ca_file: Path | None = None,
     ) -> ConfigWriter:
         """Connect to PostgreSQL (and prepare a Redis publisher when a URL is given)."""
-        conn = await connect(database_url, password_file=password_file)
+        conn = await connect(database_url, password_file=password_file,
+                             application_name="config-agent-writer")
         publisher = None
         if redis_url:
             publisher = RedisPublisher(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,8 @@ class PgSource:
         # One connection, one query at a time (start-up catch-up may overlap the fetcher).
         self._lock = anyio.Lock()
         self.queries = 0  # for tests and benchmarks: queries sent
+        self.connects = 0  # for tests and benchmarks: connections opened
+        self.last_used = time.monotonic()
 
     async def warm_load(self) -> Fetched:
         """Every live entry of the org (filtered by service) and the org revision."""
@@ -110,6 +113,19 @@ class PgSource:
         """Every change after `revision` (one page), with the org revision."""
         rows = await self._fetch(CHANGES_SINCE, self._org_id, revision, self._services, self._page)
         return _rows_to_fetched(rows, self._page)
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open (it may still turn out broken)."""
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def close_if_idle(self, idle_timeout: float) -> bool:
+        """Close the connection if unused for `idle_timeout` seconds; True if it did."""
+        async with self._lock:
+            if self.connected and time.monotonic() - self.last_used >= idle_timeout:
+                await self.close()
+                return True
+        return False
 
     async def reconnect(self) -> None:
         """Drop the connection so the next read logs in anew (new credentials)."""
@@ -133,7 +149,9 @@ class PgSource:
         if self._conn is None or self._conn.is_closed():
             self._conn = await connect(self._url, password_file=self._password_file,
                                        ssl_context=self._ssl_context)
+            self.connects += 1
         self.queries += 1
+        self.last_used = time.monotonic()
         try:
             return list(await self._conn.fetch(sql, *args, timeout=30))
         except CONNECTION_ERRORS as exc:

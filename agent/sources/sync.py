@@ -43,6 +43,7 @@ class Syncer:
         reconcile_interval: float = 300.0,
         fallback_poll_interval: float = 5.0,
         stale_after: float = 600.0,
+        db_idle_timeout: float = 0.0,
         clock: Callable[[], float] = time.time,
         db_backoff: Backoff | None = None,
     ) -> None:
@@ -54,6 +55,7 @@ class Syncer:
         self.reconcile_interval = reconcile_interval
         self.fallback_poll_interval = fallback_poll_interval
         self.stale_after = stale_after
+        self.db_idle_timeout = db_idle_timeout
         self._clock = clock
         self._db_backoff = db_backoff or Backoff(initial=0.5, cap=30.0)
         self._wanted = anyio.Event()
@@ -214,16 +216,34 @@ class Syncer:
                     self.request("poll")
 
     async def run_staleness(self) -> None:
-        """Flag the snapshot stale after stale_after seconds without a successful sync."""
-        step = min(1.0, self.stale_after / 10)
+        """Flag the snapshot stale after stale_after seconds without a successful sync.
+
+        Sleeps until the moment the snapshot would turn stale (no periodic wake-ups
+        while idle), re-checking since a sync in between moves that moment.
+        """
         while True:
             snapshot = self.store.snapshot
-            overdue = snapshot.last_sync == 0 or self._clock() - snapshot.last_sync > self.stale_after
+            age = self._clock() - snapshot.last_sync
+            overdue = snapshot.last_sync == 0 or age > self.stale_after
             if overdue and not snapshot.stale:
                 log.warning("no successful sync for %.0fs: serving stale values", self.stale_after)
             self.store.set_stale(overdue)
             self.status.metrics.stale.set(int(self.store.snapshot.stale))
-            await anyio.sleep(step)
+            if overdue:
+                # Stale: the next successful apply clears it; look again a little later.
+                await anyio.sleep(min(1.0, self.stale_after / 10))
+            else:
+                await anyio.sleep(self.stale_after - age + 0.01)
+
+    async def run_idle_closer(self) -> None:
+        """Close the read connection after db_idle_timeout seconds without a query."""
+        if self.db_idle_timeout <= 0:
+            return
+        while True:
+            due = self.source.last_used + self.db_idle_timeout - time.monotonic()
+            await anyio.sleep(max(due, 0.05) if self.source.connected else self.db_idle_timeout)
+            if await self.source.close_if_idle(self.db_idle_timeout):
+                log.debug("closed the idle PostgreSQL connection")
 
 
 __all__ = ["Syncer", "DatabaseError"]
