@@ -280,6 +280,8 @@ Put it first so that the app's own init containers can read the files too.
 {{- define "config-agent.volumes" -}}
 - name: {{ include "config-agent.volumeName.output" . }}
   emptyDir:
+    {{- /* tmpfs: the file set is small, and a swap's fsyncs cost nothing there. */}}
+    medium: Memory
     sizeLimit: {{ .Values.emptyDirSizeLimit }}
 - name: {{ include "config-agent.volumeName.run" . }}
   emptyDir:
