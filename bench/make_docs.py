@@ -48,52 +48,52 @@ CI: `pytest tests/test_bench_smoke.py` runs each command with `--smoke`
 
 # Where the time goes, targets and findings (kept with the code that renders the tables).
 ANALYSIS = """
-## Targets (latest full run; 2 cores shared by servers, agents and probes)
+## Targets (latest full run, quiet machine; 2 cores shared by servers, agents and probes)
 
 | Target | Figure | Met? |
 |---|---|---|
-| 1 agent, COMMIT → applied in the store, p99 ≤ 2 ms (issue #3) | p50 1.53 / p99 7.1–9.0 ms in-process (raw Redis round trip p50 0.52 / p99 1.9 ms beside it) | no (p50 yes) |
-| 1 agent, COMMIT → served (HTTP long-poll), p99 ≤ 3 ms | p50 2.0 / p99 3.96 ms (direct), 1.49 / 3.97 ms (relay) | no, just over |
-| last of 100 agents ≤ 20 ms | 37 ms p50 without files (baselines run), 170 ms with 100 file sets (propagation run) | no |
-| last of 1,000 agents ≤ 250 ms | 356–456 ms p50 (no file sets) | no |
+| 1 agent, COMMIT → applied in the store, p99 ≤ 2 ms (issue #3) | agent in its own process: p50 0.63 / p99 1.88 ms (direct publish), 0.97 / 2.53 ms (trigger → relay); in-process with the writer on the same loop: p50 0.54 / p99 3.99 ms; raw Redis PUBLISH→receive beside it p50 0.17 / p99 0.78 ms | direct yes, relay just over |
+| 1 agent, COMMIT → served (HTTP long-poll), p99 ≤ 3 ms | p50 0.83 / p99 2.21 ms (direct), 1.24 / 2.72 ms (relay) | yes |
+| last of 100 agents ≤ 20 ms | 25 ms p50 / 58 ms p99 (baselines run, no files); 130 ms p50 with 100 file sets on one disk (propagation run) | no |
+| last of 1,000 agents ≤ 250 ms | 254 ms p50 (baselines run); 293 / 313 ms p50 direct / relay (propagation run); no file sets | no (just over) |
 | DB queries per change per agent: 1 | 1.000 (agent counter and pg_stat_statements, every N) | yes |
 | DB queries between reconciles: 0 | 0 | yes |
-| idle CPU ≈ 0 | 0.1–0.2 % (staleness check wakes every 1 s) | yes |
-| idle RSS ≤ 40 MB | 55 MiB | no |
-| start → ready, 10,000 entries ≤ 300 ms | in-process Agent.run → started 169 ms (yes); process spawn → /readyz 200: 473 ms (no; 10 entries already take 311 ms: interpreter start + imports ≈ 280 ms) | in-process yes, process no |
+| idle CPU ≈ 0 | 0.1–0.2 % of a core | yes |
+| idle RSS ≤ 40 MB | 55 MiB | no (imports, see below) |
+| start → ready, 10,000 entries ≤ 300 ms | in-process Agent.run → started 158 ms; process spawn → /readyz 200: 448 ms (10 entries already take 332 ms: interpreter start + imports) | in-process yes, process no |
 | RSS with 10,000 entries | 71 MiB | — |
-| faster than every baseline at every N | faster than polling (1 s: last ≈ 1,000 ms, 5 s: ≈ 5,000 ms) at every N; LISTEN/NOTIFY per watcher (0.4 / 2.3 / 5.9 / 84 ms at N = 1/10/100/1,000) and etcd watch (≈ 0 / 0.8 / 4.2 ms at N = 1/10/100) are FASTER than ours (2.1 / 11.6 / 37 / 308 ms) | no |
+| faster than every baseline at every N | faster than polling at every N (1 s poll: last ≈ 1,000 ms; 5 s poll: ≈ 5,000 ms). LISTEN/NOTIFY per watcher (0.44 / 1.9 / 5.1 / 87 ms at N = 1/10/100/1,000) and etcd watch (≈ 0 / 0.9 / 3.4 ms at N = 1/10/100) are faster than ours (1.3 / 5.4 / 25 / 254 ms) | no |
 | DB load vs polling | ours 0 statements/s per agent at idle vs 1.0 (1 s poll) and 0.2 (5 s poll); 1 statement per change per agent | yes |
-| fewer DB connections than LISTEN/NOTIFY per agent | equal: 1 backend per agent (N at N) | no (equal) |
+| fewer DB connections than LISTEN/NOTIFY per agent | while changes flow: equal (1 per agent); between changes: 0 after `db_idle_timeout` (default 60 s), against N held forever by LISTEN/NOTIFY | yes at idle, equal under load |
 
 ## Where the time goes
 
-- **Single agent.** COMMIT → applied = Redis hop (raw PUBLISH→receive p50 0.5 ms)
-  + one delta query + apply. The tail (p99 7–9 ms in-process) comes from the writer,
-  agent and probe sharing one event loop and two cores with PostgreSQL and Redis;
-  the process-separated run has a tighter p99 (3.3 ms applied).
+- **Single agent.** COMMIT → applied = Redis hop (raw PUBLISH→receive p50 0.17 ms)
+  + one delta query (≈ 0.3 ms) + apply. The p99 tail comes from sharing two cores
+  with PostgreSQL, Redis, the writer and the probe; the trigger → relay path adds one
+  more hop (PostgreSQL NOTIFY → relay → Redis).
 - **Many agents.** Each change costs N delta queries (one per agent, by design: a
   message never carries the value) plus N message parses, applies and HTTP answers
-  in Python. At N = 1,000 that is ≈ 1,000 × (≈ 0.15 ms PostgreSQL + ≈ 0.3 ms Python)
-  ≈ 450 ms of CPU on 2 cores: the last agent waits for the whole fan-out. LISTEN/NOTIFY
-  per watcher skips the Redis hop and our Python sync engine, hence faster here.
+  in Python. At N = 1,000 that is ≈ 1,000 × (≈ 0.1 ms PostgreSQL + ≈ 0.15 ms Python)
+  ≈ 250 ms of CPU on 2 cores: the last agent waits for the whole fan-out, which in a
+  cluster is spread over many nodes. LISTEN/NOTIFY per watcher skips the Redis hop
+  (PostgreSQL notifies at commit, before the writer even sees COMMIT return) and our
+  sync engine, hence faster here — at the price of one permanent backend per pod.
 - **File sets.** Each change builds a new generation directory: one `mkdir` per
-  service, a hard link per unchanged file, `fsync` of every written file and every
-  directory (py-spy on a 10-agent worker at N = 100: `Path.mkdir`, `_fsync_dir`,
-  `os.fsync` and `rmtree` of retired generations are > 70 % of the samples). Files
-  lag the HTTP answer by ≈ 6 ms at N = 1 and dominate at N = 100 (≈ 0.8 s), where
-  the GIL and disk contention of 100 sinks also slow the in-memory apply (170 ms
-  vs 37 ms without files). fsync buys nothing for an `emptyDir` reader (the page
-  cache is shared); making it optional, and linking unchanged service directories
-  instead of rebuilding them, would make a swap O(changed files).
-- **Idle RSS** is import cost: bare Python 10.6 MiB, asyncpg +12.6, redis-py +8.2,
-  pydantic-settings +9.8, uvicorn +3.2, prometheus-client +2.2 → 52 MiB before any
-  data. ≤ 40 MB needs dropping a dependency (e.g. pydantic-settings, ~10 MiB).
-- **DB connections.** Our agent keeps its PostgreSQL connection open between
-  changes, so it holds exactly as many backends as LISTEN/NOTIFY per agent (N).
-  Suggested change: close the idle read connection after a timeout (e.g. 30 s
-  without a fetch) and reopen on the next message — at the cost of a connect
-  (≈ 5–10 ms, more with TLS) on the first change after a quiet period.
+  service, a hard link per unchanged file, and an `fsync` of each *written* file
+  (configs.json, configs.env, the changed entries); directories are no longer fsynced
+  (profiled before: `_fsync_dir` per service was the largest share of a swap). In the
+  benchmark 100 agents share one disk and 10 processes, so their fsyncs queue (files
+  p50 524 ms at N = 100); in a pod the chart mounts the output `emptyDir` with
+  `medium: Memory`, where fsync is free. Measured here on disk, files lag the HTTP
+  answer by ≈ 2.4 ms at N = 1.
+- **Idle RSS** is import cost: bare Python + asyncio/ssl ≈ 20 MiB, pydantic +
+  pydantic-settings ≈ 13, redis-py ≈ 6, asyncpg ≈ 3, prometheus-client ≈ 2, uvicorn ≈ 2,
+  watchfiles ≈ 1.3 → 52 MiB before any data. ≤ 40 MB needs dropping a required
+  dependency (pydantic-settings is the largest).
+- **DB connections.** The agent closes its read connection after `db_idle_timeout`
+  (default 60 s) without a query and reopens it on the next announcement (≈ 2.3 ms on
+  loopback with trust authentication; more with TLS and SCRAM).
 """
 
 
@@ -107,6 +107,37 @@ def _capture(fn: Any, doc: dict[str, Any]) -> str:
     with redirect_stdout(out):
         fn(doc)
     return out.getvalue().replace("\n### ", "\n### ")
+
+
+def _http_section(doc: dict[str, Any]) -> str:
+    """Local reads (issues #4, #7.4): wrk against the agent and nginx, same bytes, same run."""
+    m = doc["medians"]
+    rows = ["| target | server | req/s | p99 ms | ratio to nginx |", "|---|---|---|---|---|"]
+    for name, label in (("entry", "GET /v1/configs/{service}/{key}"), ("configs", "GET /v1/configs")):
+        api, nginx = m[f"api_{name}"], m[f"nginx_{name}"]
+        rows.append(f"| {label} | agent | {api['rps']:.0f} | {api['p99_ms']:.2f} | {api['rps'] / nginx['rps']:.2f} |")
+        rows.append(f"| | nginx | {nginx['rps']:.0f} | {nginx['p99_ms']:.2f} | 1.00 |")
+    return (
+        "\n## Local reads (issues #4, #7.4)\n\n`python bench/bench_http.py` — wrk, "
+        f"{doc['connections']} connections, {doc['entries']} entries, median of {doc['rounds']} × "
+        f"{doc['seconds_per_run']} s; nginx (1 worker, open_file_cache) serves the same bytes as "
+        "static files in the same run.\n\n" + "\n".join(rows)
+        + f"\n\nIdle RSS of the API process with {doc['entries']} entries: {doc['idle_rss_mb']} MB "
+        f"({doc['rss_after_load_mb']} MB after the load).\n"
+    )
+
+
+def _writes_section(doc: dict[str, Any]) -> str:
+    """Write throughput of the change log (issue #2)."""
+    rows = ["| writers | changes/s (median) | runs |", "|---|---|---|"]
+    for n in (1, 8):
+        r = doc[f"writers_{n}"]
+        rows.append(f"| {n} | {r['median_changes_per_s']} | {r['runs']} |")
+    return (
+        "\n## Write throughput (issue #2)\n\n`python bench/bench_writes.py` — "
+        f"{doc['changes']} changes per run through the writer API, one org (its counter row "
+        "serializes writers), shared PostgreSQL 15 with fsync on.\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def main() -> None:
@@ -127,6 +158,12 @@ def main() -> None:
         parts.append("\n## Footprint (issue #7.5)\n\n`" + docs["footprint"]["command"] + "`, "
                      + docs["footprint"]["when"] + "\n")
         parts.append(_capture(bench_footprint.report, docs["footprint"]))
+    http = _load("http")
+    if http:
+        parts.append(_http_section(http))
+    writes = _load("writes")
+    if writes:
+        parts.append(_writes_section(writes))
     parts.append(ANALYSIS)
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts).rstrip() + "\n")
     print("wrote docs/benchmarks.md")
