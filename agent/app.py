@@ -7,6 +7,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio import CancelScope
@@ -23,6 +24,9 @@ from agent.sources.sync import Syncer
 from agent.state import load_snapshot, save_snapshot
 from agent.status import SyncStatus
 from agent.store import Store
+
+if TYPE_CHECKING:  # the servers (uvicorn) are imported only when `run` starts them
+    from agent.sinks.server import Listening
 
 log = logging.getLogger("agent")
 
@@ -58,6 +62,7 @@ class Agent:
                 on_disconnected=self.syncer.on_redis_disconnected,
                 password_file=settings.redis_password_file, ca_file=settings.redis_ca_file,
             )
+        self.listening: Listening | None = None  # where the API listens, once started
         self.file_sink = None
         if settings.output_dir is not None:
             from agent.sinks.files import FileSink
@@ -75,13 +80,13 @@ class Agent:
             else:
                 self.syncer.on_redis_disconnected("no Redis configured")
             await self._first_load(tg)
-            await self._write_outputs()
+            # Ready means "written out": the outputs start with the first snapshot on disk.
+            await tg.start(self._run_outputs)
             tg.start_soon(self.syncer.run_fetcher)
             tg.start_soon(self.syncer.run_reconciler)
             tg.start_soon(self.syncer.run_fallback_poll)
             tg.start_soon(self.syncer.run_staleness)
             tg.start_soon(self.syncer.run_idle_closer)
-            tg.start_soon(self._run_outputs)
             tg.start_soon(self._watch_credentials)
             self.status.set_ready(True)
             snap = self.store.snapshot
@@ -124,16 +129,23 @@ class Agent:
         self.listening = await tg.start(serve_api, self.store, self.status, self.settings)
 
     async def _write_outputs(self) -> None:
+        """`once`: the files and the last-known-good snapshot, written one time."""
         snapshot = self.store.snapshot
         if self.file_sink is not None:
             await anyio.to_thread.run_sync(self.file_sink.write, snapshot)
         if self.settings.state_dir is not None and not snapshot.stale:
             await anyio.to_thread.run_sync(save_snapshot, self.settings.state_dir, snapshot)
 
-    async def _run_outputs(self) -> None:
-        """Files, hooks and the last-known-good snapshot follow every new snapshot."""
+    async def _run_outputs(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Files, hooks and the last-known-good snapshot follow every new snapshot.
+
+        `started` once the current snapshot is written (the file sink's first write).
+        """
         from agent.sinks.hooks import ChangeHooks
 
+        state_dir = self.settings.state_dir
+        if state_dir is not None and not self.store.snapshot.stale:
+            await anyio.to_thread.run_sync(save_snapshot, state_dir, self.store.snapshot)
         async with anyio.create_task_group() as tg:
             hooks = ChangeHooks.from_settings(self.settings, self.metrics)
             if hooks is not None:
@@ -143,8 +155,9 @@ class Agent:
                 await tg.start(partial(self.file_sink.run, self.store, on_swapped=on_swapped))
             elif hooks is not None:
                 await tg.start(hooks.follow, self.store)
-            if self.settings.state_dir is not None:
-                tg.start_soon(self._persist_state, self.settings.state_dir)
+            if state_dir is not None:
+                tg.start_soon(self._persist_state, state_dir)
+            task_status.started()
 
     async def _persist_state(self, state_dir: Path) -> None:
         generation = self.store.snapshot.generation

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import anyio
 
 from agent import __version__
-from agent.errors import ConfigAgentError, UsageError
+from agent.errors import ConfigAgentError
 from agent.logs import configure_logging
 from agent.settings import Settings, load_settings
 
@@ -193,5 +193,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-__all__ = ["main", "build_parser", "UsageError"]

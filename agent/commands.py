@@ -43,7 +43,6 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     """`config-agent migrate`."""
     settings.require("database_url")
-    assert settings.database_url
 
     async def go() -> list[str]:
         conn = await connect(settings.database_url or "", password_file=settings.database_password_file)

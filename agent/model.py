@@ -140,8 +140,12 @@ class InvalidMessage(ValueError):
     """A Redis message that is not a well-formed announcement."""
 
 
-def parse_announcement(channel: str | bytes, data: str | bytes) -> Announcement:
-    """Validate a raw Redis message strictly; raise InvalidMessage naming the problem."""
+def parse_announcement(channel: str | bytes | None, data: str | bytes) -> Announcement:
+    """Validate a raw message strictly; raise InvalidMessage naming the problem.
+
+    `channel` is the Redis channel it arrived on (it must match the fields), or None
+    for a pg_notify payload, which has no per-entry channel.
+    """
     if isinstance(data, bytes | bytearray):
         if len(data) > MAX_MESSAGE_BYTES:
             raise InvalidMessage("message too large")
@@ -182,6 +186,6 @@ def parse_announcement(channel: str | bytes, data: str | bytes) -> Announcement:
         revision=numbers["revision"],
         ts=float(ts),
     )
-    if channel != ann.channel:
+    if channel is not None and channel != ann.channel:
         raise InvalidMessage("channel does not match the message fields")
     return ann

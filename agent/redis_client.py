@@ -74,12 +74,9 @@ def redis_client(
             kwargs["ssl_ca_certs"] = str(ca_file)
     kwargs.update(options)
     # Credentials come from the provider; strip them from the URL.
-    netloc = parsed.hostname or "localhost"
-    if parsed.port:
-        netloc = f"{netloc}:{parsed.port}"
-    if ":" in (parsed.hostname or "") and not netloc.startswith("["):
-        netloc = f"[{parsed.hostname}]" + (f":{parsed.port}" if parsed.port else "")
-    clean = parsed._replace(netloc=netloc).geturl()
+    clean = url
+    if "@" in parsed.netloc:
+        clean = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
     return Redis.from_url(clean, **kwargs)
 
 

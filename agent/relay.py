@@ -9,7 +9,6 @@ run at once (at-least-once delivery; agents de-duplicate by version).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.db.connect import connect, describe
 from agent.errors import SourceError
-from agent.model import Announcement, InvalidMessage, channel_for, parse_announcement
+from agent.model import Announcement, InvalidMessage, parse_announcement
 from agent.redis_client import RedisPublisher
 from agent.settings import Settings
 from agent.sources.backoff import Backoff
@@ -98,12 +97,9 @@ class Relay:
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
-            doc = json.loads(payload)
-            ann = parse_announcement(
-                channel_for(str(doc.get("org_id")), str(doc.get("service")), str(doc.get("key"))),
-                payload,
-            )
-        except (InvalidMessage, ValueError, AttributeError):
+            # No Redis channel yet: the relay derives it from the validated fields.
+            ann = parse_announcement(None, payload)
+        except InvalidMessage:
             self.state.invalid.inc()
             log.warning("dropped a malformed notification on %s", channel)
             return

@@ -154,7 +154,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        if not self.http_allow_remote and not _is_loopback(self.http_host):
+        if not self.http_allow_remote and not is_loopback(self.http_host):
             raise ValueError(
                 f"http_host {self.http_host!r} is not a loopback address; "
                 "set CONFIG_AGENT_HTTP_ALLOW_REMOTE=true to allow it"
@@ -177,7 +177,8 @@ class Settings(BaseSettings):
                 )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses."""
     if host == "localhost":
         return True
     try:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.metrics import Metrics
+from agent.metrics import RESULTS, SOURCES, Metrics
 from agent.store import Snapshot
 
 
@@ -21,9 +20,6 @@ class SyncStatus:
     db_connected: bool = False
     ready: bool = False
     last_error: str | None = None
-    messages: Counter[str] = field(default_factory=Counter)
-    updates: Counter[str] = field(default_factory=Counter)
-    drift: int = 0
 
     def set_redis(self, connected: bool) -> None:
         """Record whether the Redis subscription is live."""
@@ -44,13 +40,16 @@ class SyncStatus:
 
     def count_message(self, result: str) -> None:
         """Count one Redis message by result (applied|duplicate|invalid|foreign)."""
-        self.messages[result] += 1
         self.metrics.messages.labels(result=result).inc()
 
     def count_drift(self, changes: int) -> None:
         """Count changes that reconcile found but pub/sub had not delivered."""
-        self.drift += changes
         self.metrics.drift.inc(changes)
+
+    def _counts(self, name: str, label: str, values: tuple[str, ...]) -> dict[str, int]:
+        registry = self.metrics.registry
+        counts = {v: int(registry.get_sample_value(name, {label: v}) or 0) for v in values}
+        return {v: n for v, n in counts.items() if n}
 
     def document(self, snapshot: Snapshot) -> dict[str, Any]:
         """The `GET /v1/status` document (no values)."""
@@ -65,7 +64,8 @@ class SyncStatus:
             "last_sync": snapshot.last_sync or None,
             "started_at": self.started_at,
             "last_error": self.last_error,
-            "messages": dict(self.messages),
-            "updates": dict(self.updates),
-            "drift": self.drift,
+            # Counters live in the metrics (one source of truth); only non-zero ones shown.
+            "messages": self._counts("config_agent_messages_total", "result", RESULTS),
+            "updates": self._counts("config_agent_updates_total", "source", SOURCES),
+            "drift": int(self.metrics.registry.get_sample_value("config_agent_drift_total") or 0),
         }

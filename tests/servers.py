@@ -14,12 +14,7 @@ from urllib.parse import urlparse, urlunparse
 import anyio
 import asyncpg
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from agent.demo_servers import free_port
 
 
 def admin_url_for(url: str, dbname: str) -> str:

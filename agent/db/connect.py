@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ async def connect(
     *,
     password_file: Path | None = None,
     connect_timeout: float = 10.0,
-    ssl_context: ssl.SSLContext | None = None,
     application_name: str = "config-agent",
     **kwargs: Any,
 ) -> asyncpg.Connection:
@@ -52,8 +50,6 @@ async def connect(
                                "server_settings": {"application_name": application_name}}
     if password is not None:
         options["password"] = password
-    if ssl_context is not None:
-        options["ssl"] = ssl_context
     options.update(kwargs)
     try:
         return await asyncpg.connect(url, **options)

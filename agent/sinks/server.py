@@ -10,7 +10,6 @@ connections); the metrics port has its own server because it runs another app.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import uvicorn
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
-from agent.settings import Settings
+from agent.settings import Settings, is_loopback
 from agent.sinks.api import HEARTBEAT, ApiApp
 from agent.sinks.listeners import bind_tcp, bind_unix, close_all, remove_socket_file
 from agent.sinks.probes import ProbesApp, Readiness
@@ -108,7 +107,7 @@ class ApiServer:
     async def run(self, *, task_status: TaskStatus[Listening] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; `started` once every listener accepts connections."""
         settings = self._settings
-        if settings.http_allow_remote and not _is_loopback(settings.http_host):
+        if settings.http_allow_remote and not is_loopback(settings.http_host):
             log.warning("local API listens on %s: reachable from other hosts", settings.http_host)
         api_sockets = bind_tcp(settings.http_host, settings.http_port)
         metrics_sockets: list[socket.socket] = []
@@ -193,13 +192,6 @@ async def _serve_until_told(server: _EmbeddedServer, sockets: list[socket.socket
     # torn down mid-write.
     with anyio.CancelScope(shield=True):
         await server.serve(sockets=sockets)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _tcp_addresses(sockets: list[socket.socket]) -> list[tuple[str, int]]:

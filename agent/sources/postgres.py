@@ -8,7 +8,6 @@ append-only history, so every change (not only the latest per entry) is seen.
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,14 +87,12 @@ class PgSource:
         services: tuple[str, ...] = (),
         *,
         password_file: Path | None = None,
-        ssl_context: ssl.SSLContext | None = None,
         page: int = DELTA_PAGE,
     ) -> None:
         self._url = url
         self._org_id = org_id
         self._services = list(services) or None
         self._password_file = password_file
-        self._ssl_context = ssl_context
         self._page = page
         self._conn: asyncpg.Connection | None = None
         # One connection, one query at a time (start-up catch-up may overlap the fetcher).
@@ -147,8 +144,8 @@ class PgSource:
 
     async def _fetch_locked(self, sql: str, *args: object) -> list[asyncpg.Record]:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(self._url, password_file=self._password_file,
-                                       ssl_context=self._ssl_context)
+            # TLS comes from the URL (sslmode=verify-full&sslrootcert=…).
+            self._conn = await connect(self._url, password_file=self._password_file)
             self.connects += 1
         self.queries += 1
         self.last_used = time.monotonic()

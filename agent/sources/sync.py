@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import anyio
 
-from agent.errors import DatabaseError, SourceError
+from agent.errors import SourceError
 from agent.model import InvalidMessage, parse_announcement
 from agent.sources.backoff import Backoff, jittered
 from agent.sources.postgres import Fetched, PgSource
@@ -177,7 +177,6 @@ class Syncer:
             ident = (change.service, change.key)
             if self._pending.get(ident, 0) <= change.version:
                 self._pending.pop(ident, None)
-        self.status.updates.update({source: len(applied.changes)} if applied.changes else {})
 
     async def _chase_lag(self, source: str) -> None:
         """Re-read briefly while an announced version is not visible yet; never go back."""
@@ -245,5 +244,3 @@ class Syncer:
             if await self.source.close_if_idle(self.db_idle_timeout):
                 log.debug("closed the idle PostgreSQL connection")
 
-
-__all__ = ["Syncer", "DatabaseError"]
