@@ -78,7 +78,8 @@ class Syncer:
         while True:
             try:
                 if self.store.snapshot.loaded:
-                    await self._fetch_all("reconcile")
+                    # Catching up from a last-known-good snapshot: a start, not drift.
+                    await self._fetch_all("warmload")
                 else:
                     await self.warm_load()
                 self._db_backoff.reset()
