@@ -96,6 +96,7 @@ async def test_start_without_postgres_serves_last_known_good_flagged_stale(
         await direct.close()
         await eventually(lambda: not agent.store.snapshot.stale and
                          agent_state(agent)[("ai", "t")] == (7, 2), 35, "fresh and current")
+        assert metric(agent, "config_agent_drift_total") == 0, "a catch-up at start is not drift"
 
 
 async def test_once_writes_outputs_and_exits_1_when_unreachable(
