@@ -47,6 +47,19 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listening on port {port}")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 5.0) -> None:
+    """Reap test subprocesses whatever happened: SIGTERM, then SIGKILL after `grace`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+
+
 class PrivateRedis:
     """A redis-server process of one test: start, SIGKILL, restart on the same port."""
 

@@ -16,6 +16,7 @@ from agent.db.roles import grant_reader
 from agent.db.writer import ConfigWriter
 from agent.redis_client import redis_client
 from tests.agent_harness import agent_state, db_state, eventually, metric, running_agent
+from tests.servers import stop_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -38,9 +39,12 @@ async def test_agent_converges_while_four_writers_make_500_changes(
         assert agent_state(agent) == await db_state(db, org)
         procs = [subprocess.Popen([sys.executable, "-m", "tests.writer_worker", db_url, org, str(w),
                                    "125", redis_url]) for w in range(4)]
-        with anyio.fail_after(120):
-            while any(p.poll() is None for p in procs):
-                await anyio.sleep(0.05)
+        try:
+            with anyio.fail_after(120):
+                while any(p.poll() is None for p in procs):
+                    await anyio.sleep(0.05)
+        finally:
+            stop_processes(procs)
         assert [p.returncode for p in procs] == [0, 0, 0, 0]
         # Plain-SQL writes in the workers are not published; the relay is not running,
         # so give the final state its announcement the way the relay would.

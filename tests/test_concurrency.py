@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import anyio
 import asyncpg
 import pytest
+
+from tests.servers import stop_processes
 
 pytestmark = pytest.mark.anyio
 
@@ -16,15 +19,14 @@ CHANGES = 250
 
 
 async def test_concurrent_writers_keep_every_invariant(db_url: str, org: str) -> None:
-    listener = await asyncpg.connect(db_url)
     notified: list[int] = []
-    import json
-
-    await listener.add_listener("config_agent_changes",
-                                lambda *a: notified.append(json.loads(a[3])["revision"]))
-    reader = await asyncpg.connect(db_url)
     seen: dict[int, tuple[str, int]] = {}
     last = 0
+    with anyio.fail_after(20):
+        listener = await asyncpg.connect(db_url, timeout=10)
+        reader = await asyncpg.connect(db_url, timeout=10)
+    await listener.add_listener("config_agent_changes",
+                                lambda *a: notified.append(json.loads(a[3])["revision"]))
     procs = [subprocess.Popen([sys.executable, "-m", "tests.writer_worker", db_url, org, str(w),
                                str(CHANGES)]) for w in range(WRITERS)]
 
@@ -32,39 +34,44 @@ async def test_concurrent_writers_keep_every_invariant(db_url: str, org: str) ->
         nonlocal last
         rows = await reader.fetch(
             "SELECT key, version, revision FROM config_history WHERE org_id = $1 AND revision > $2 "
-            "ORDER BY revision", org, last)
+            "ORDER BY revision", org, last, timeout=30)
         for row in rows:
             assert row["revision"] not in seen
             seen[row["revision"]] = (row["key"], row["version"])
             last = row["revision"]
 
-    with anyio.fail_after(240):
-        while any(p.poll() is None for p in procs):
-            await read_once()
-            await anyio.sleep(0.005)
-    assert all(p.returncode == 0 for p in procs)
-    await read_once()
-    total = WRITERS * CHANGES
-    # A reader asking "changes after my last revision" got every change, none skipped.
-    assert len(seen) == total
-    history = await reader.fetch("SELECT key, version, revision, action FROM config_history "
-                                 "WHERE org_id = $1 ORDER BY revision", org)
-    assert len(history) == total, "exactly one history row per change"
-    assert sorted(seen) == [r["revision"] for r in history]
-    assert len({r["revision"] for r in history}) == total
-    # Each key's versions are consecutive from 1.
-    versions: dict[str, list[int]] = {}
-    for r in history:
-        versions.setdefault(r["key"], []).append(r["version"])
-    for key, vs in versions.items():
-        assert vs == list(range(1, len(vs) + 1)), key
-    # Notifications arrive in commit order: revisions must be strictly increasing there too.
-    with anyio.fail_after(10):
-        while len(notified) < total:
-            await anyio.sleep(0.01)
-    assert notified == sorted(notified) and len(set(notified)) == total
-    current = await reader.fetch("SELECT key, version, revision FROM service_configs WHERE org_id = $1", org)
-    for row in current:
-        assert row["version"] == len(versions[row["key"]])
-    await listener.close()
-    await reader.close()
+    try:
+        with anyio.fail_after(240):
+            while any(p.poll() is None for p in procs):
+                await read_once()
+                await anyio.sleep(0.005)
+        assert [p.returncode for p in procs] == [0] * WRITERS, "a writer process failed"
+        await read_once()
+        total = WRITERS * CHANGES
+        # A reader asking "changes after my last revision" got every change, none skipped.
+        assert len(seen) == total
+        history = await reader.fetch("SELECT key, version, revision, action FROM config_history "
+                                     "WHERE org_id = $1 ORDER BY revision", org, timeout=30)
+        assert len(history) == total, "exactly one history row per change"
+        assert sorted(seen) == [r["revision"] for r in history]
+        assert len({r["revision"] for r in history}) == total
+        # Each key's versions are consecutive from 1.
+        versions: dict[str, list[int]] = {}
+        for r in history:
+            versions.setdefault(r["key"], []).append(r["version"])
+        for key, vs in versions.items():
+            assert vs == list(range(1, len(vs) + 1)), key
+        # Notifications arrive in commit order: revisions must be strictly increasing there too.
+        with anyio.fail_after(10):
+            while len(notified) < total:
+                await anyio.sleep(0.01)
+        assert notified == sorted(notified) and len(set(notified)) == total
+        current = await reader.fetch("SELECT key, version, revision FROM service_configs WHERE org_id = $1",
+                                     org, timeout=30)
+        for row in current:
+            assert row["version"] == len(versions[row["key"]])
+    finally:
+        stop_processes(procs)
+        with anyio.move_on_after(10, shield=True):
+            await listener.close(timeout=5)
+            await reader.close(timeout=5)
