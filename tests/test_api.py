@@ -647,5 +647,7 @@ async def test_a_thousand_idle_watchers_cost_little(tmp_path: Path) -> None:
             await stream.aclose()
         server.kill()
         await server.wait()
+    print(f"1000 idle watchers: read median {before_latency * 1e3:.3f} -> {after_latency * 1e3:.3f} ms, "
+          f"RSS {before_rss / 2**20:.1f} -> {after_rss / 2**20:.1f} MiB")  # shown with -s
     assert after_latency <= 2 * before_latency, (before_latency, after_latency)
     assert after_rss - before_rss <= 30 * 2**20, (before_rss, after_rss)
