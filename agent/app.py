@@ -23,7 +23,7 @@ from agent.sources.redis_events import RedisEvents
 from agent.sources.sync import Syncer
 from agent.state import load_snapshot, save_snapshot
 from agent.status import SyncStatus
-from agent.store import Store
+from agent.store import Snapshot, Store
 
 if TYPE_CHECKING:  # the servers (uvicorn) are imported only when `run` starts them
     from agent.sinks.server import Listening
@@ -133,8 +133,8 @@ class Agent:
         snapshot = self.store.snapshot
         if self.file_sink is not None:
             await anyio.to_thread.run_sync(self.file_sink.write, snapshot)
-        if self.settings.state_dir is not None and not snapshot.stale:
-            await anyio.to_thread.run_sync(save_snapshot, self.settings.state_dir, snapshot)
+        if self.settings.state_dir is not None:
+            await _save_state(self.settings.state_dir, snapshot)
 
     async def _run_outputs(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Files, hooks and the last-known-good snapshot follow every new snapshot.
@@ -144,8 +144,6 @@ class Agent:
         from agent.sinks.hooks import ChangeHooks
 
         state_dir = self.settings.state_dir
-        if state_dir is not None and not self.store.snapshot.stale:
-            await anyio.to_thread.run_sync(save_snapshot, state_dir, self.store.snapshot)
         async with anyio.create_task_group() as tg:
             hooks = ChangeHooks.from_settings(self.settings, self.metrics)
             if hooks is not None:
@@ -156,25 +154,34 @@ class Agent:
             elif hooks is not None:
                 await tg.start(hooks.follow, self.store)
             if state_dir is not None:
-                tg.start_soon(self._persist_state, state_dir)
+                await tg.start(self._persist_state, state_dir)
             task_status.started()
 
-    async def _persist_state(self, state_dir: Path) -> None:
-        generation = self.store.snapshot.generation
+    async def _persist_state(self, state_dir: Path, *,
+                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the last-known-good snapshot current; `started` once the current one is saved."""
+        snapshot = self.store.snapshot
+        await _save_state(state_dir, snapshot)  # failing here stops the start, as it should
+        task_status.started()
         while True:
-            snapshot = await self.store.wait_newer(generation)
-            generation = snapshot.generation
-            if not snapshot.stale:
-                try:
-                    await anyio.to_thread.run_sync(save_snapshot, state_dir, snapshot)
-                except OSError as exc:
-                    log.error("cannot write the last-known-good snapshot: %s", exc)
+            snapshot = await self.store.wait_newer(snapshot.generation)
+            try:
+                await _save_state(state_dir, snapshot)
+            except OSError as exc:
+                log.error("cannot write the last-known-good snapshot: %s", exc)
 
     async def _watch_credentials(self) -> None:
         files: dict[Path, Callable[[], Awaitable[None]]] = {}
         if self.settings.database_password_file is not None:
             files[self.settings.database_password_file] = self.source.reconnect
         await watch_credentials(files)
+
+
+
+async def _save_state(state_dir: Path, snapshot: Snapshot) -> None:
+    """Save `snapshot` as the last-known-good one, unless it is stale (off the event loop)."""
+    if not snapshot.stale:
+        await anyio.to_thread.run_sync(save_snapshot, state_dir, snapshot)
 
 
 async def stop_on_signal(scope: CancelScope) -> None:

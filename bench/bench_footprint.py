@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 
 from bench.common import Servers, print_table, proc_rss_mib, summarize, write_result
-from bench.harness import measure_idle, start_agent_process, stop_process
+from bench.harness import measure_idle, start_agent_process
+from tests.servers import stop_processes
 
 
 async def in_process_start(servers: Servers) -> float:
@@ -50,7 +51,7 @@ async def entries_case(entries: int, runs: int) -> dict[str, Any]:
                 await anyio.sleep(1.0)
                 rss.append(proc_rss_mib(proc.pid))
             finally:
-                stop_process(proc)
+                stop_processes([proc], grace=10)
             process_s.append(ready_s)
         inproc = [await in_process_start(servers) for _ in range(runs)]
     return {

@@ -51,8 +51,8 @@ from bench.harness import (
     start_relay,
     start_workers,
     stop_all,
-    stop_process,
 )
+from tests.servers import stop_processes
 
 ENTRIES = 10
 PATHS = ("direct", "relay")
@@ -231,7 +231,7 @@ async def fleet(servers: Servers, n: int, changes: int, runs: int, files: bool,
                     run_docs.append(doc)
             finally:
                 if relay is not None:
-                    stop_process(relay)
+                    stop_processes([relay], grace=10)
             results.append(_fleet_doc(n, processes, path, changes, started_s, held, run_docs))
         probe.close()
         if swaps is not None:
@@ -286,7 +286,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                             for _ in range(args.runs)]
                 finally:
                     if relay is not None:
-                        stop_process(relay)
+                        stop_processes([relay], grace=10)
                 doc["in_process"].append({
                     "path": path, "runs": runs,
                     **{f: median_of_runs([r[f] for r in runs]) for f in (

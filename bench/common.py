@@ -25,7 +25,8 @@ from typing import Any
 
 import asyncpg
 
-from tests.servers import PrivatePostgres, PrivateRedis, free_port, wait_port
+from agent.demo_servers import free_port
+from tests.servers import PrivatePostgres, PrivateRedis, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -22,6 +22,7 @@ import httpx
 
 from agent.db.writer import ConfigWriter, WriteResult
 from bench.common import PYTHON, ROOT, Servers, agent_env, proc_cpu_seconds, proc_rss_mib
+from tests.servers import stop_processes
 
 # -- worker processes ---------------------------------------------------------
 
@@ -112,16 +113,6 @@ def start_relay(servers: Servers) -> subprocess.Popen[bytes]:
     if proc.poll() is not None:
         raise RuntimeError("relay exited at start")
     return proc
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- writer with a COMMIT timestamp --------------------------------------------
@@ -263,7 +254,7 @@ class SwapWatcher:
 async def start_agent_process(servers: Servers, **settings: Any) -> tuple[subprocess.Popen[bytes],
                                                                             float, int]:
     """`python -m agent run`; returns (process, seconds from spawn to /readyz 200, port)."""
-    from tests.servers import free_port
+    from agent.demo_servers import free_port
 
     port = free_port()
     env = agent_env(servers, http_port=port, **settings)
@@ -305,4 +296,4 @@ async def measure_idle(servers: Servers, seconds: float, settle: float = 2.0) ->
             "ready_s": round(ready_s, 3),
         }
     finally:
-        stop_process(proc)
+        stop_processes([proc], grace=10)

@@ -56,6 +56,7 @@ async def host_agents(count: int, seen: Seen, output_root: Path | None, ready: d
             ready["dirs"].append(str(out))
         agent = Agent(load_settings(**overrides))
         await tg.start(agent.run)
+        assert agent.listening is not None  # set once run() started
         ready["ports"].append(agent.listening.api[0][1])
         tg.start_soon(_follow_store, agent, seen[i])
 
