@@ -10,12 +10,15 @@ import anyio
 import asyncpg
 import pytest
 
+from agent.db.writer import ConfigWriter
 from tests.servers import stop_processes
 
 pytestmark = pytest.mark.anyio
 
 WRITERS = 8
 CHANGES = 250
+UPSERT_SQL = ("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 's', $2, $3) "
+              "ON CONFLICT (org_id, service, key) DO UPDATE SET value = EXCLUDED.value")
 
 
 async def test_concurrent_writers_keep_every_invariant(db_url: str, org: str) -> None:
@@ -74,3 +77,38 @@ async def test_concurrent_writers_keep_every_invariant(db_url: str, org: str) ->
         with anyio.move_on_after(10, shield=True):
             await listener.close(timeout=5)
             await reader.close(timeout=5)
+
+
+async def test_creating_one_entry_from_many_writers_at_once_never_deadlocks(db_url: str, org: str) -> None:
+    """Library writers (entry lock first) and plain-SQL upserts all create the same new entry at once.
+
+    An INSERT whose first look missed an entry being created concurrently must not hold the org
+    counter while it waits for that entry's row: before the per-entry creation lock this race
+    deadlocked in most rounds.
+    """
+    rounds, per_kind = 30, 4
+    writers = [await ConfigWriter.open(db_url) for _ in range(per_kind)]
+    raws = [await asyncpg.connect(db_url, timeout=10) for _ in range(per_kind)]
+    try:
+        with anyio.fail_after(120):
+            for r in range(rounds):
+                key = f"new{r}"
+                async with anyio.create_task_group() as tg:
+                    for i, w in enumerate(writers):
+                        tg.start_soon(lambda w=w, i=i, key=key: w.set(org, "s", key, i, actor="lib"))
+                    for i, conn in enumerate(raws):
+                        tg.start_soon(lambda c=conn, i=i, key=key: c.execute(UPSERT_SQL, org, key, str(10 + i)))
+        rows = await raws[0].fetch("SELECT key, version, revision FROM config_history WHERE org_id = $1 "
+                                   "ORDER BY revision", org)
+        # Every write changed its entry (distinct values): one history row each, versions 1..8,
+        # and no revision handed out to a write that then took the update path.
+        assert len(rows) == rounds * per_kind * 2
+        assert [r["revision"] for r in rows] == list(range(1, len(rows) + 1))
+        for r in range(rounds):
+            assert sorted(x["version"] for x in rows if x["key"] == f"new{r}") == list(range(1, 2 * per_kind + 1))
+    finally:
+        with anyio.move_on_after(10, shield=True):
+            for w in writers:
+                await w.close()
+            for conn in raws:
+                await conn.close(timeout=5)

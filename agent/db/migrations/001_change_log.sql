@@ -62,14 +62,33 @@ CREATE OR REPLACE FUNCTION config_agent_actor() RETURNS text
 LANGUAGE sql STABLE
 AS $$ SELECT coalesce(nullif(current_setting('config_agent.actor', true), ''), session_user::text) $$;
 
+-- The lock order of every change is: the entry, then the org counter. A holder of
+-- the counter must never wait for an entry, or a writer holding that entry and
+-- waiting for the counter deadlocks with it. An INSERT's BEFORE trigger runs before
+-- its conflict check, so an entry created by a concurrent transaction is not visible
+-- yet when this trigger first looks: a creator therefore takes a per-entry lock and
+-- looks again under it. Whoever else creates the same entry holds that lock until
+-- COMMIT, so the second look sees it, and this INSERT takes its ON CONFLICT path
+-- (entry row lock, then the UPDATE trigger takes the counter) without having taken
+-- the counter here.
+CREATE OR REPLACE FUNCTION config_agent_entry_exists(p_org text, p_service text, p_key text)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+AS $$ SELECT EXISTS (SELECT 1 FROM service_configs
+                      WHERE org_id = p_org AND service = p_service AND key = p_key) $$;
+
 CREATE OR REPLACE FUNCTION config_agent_before_insert() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
     -- An existing row means this INSERT will either fail on the primary key or
     -- take its ON CONFLICT path, where the UPDATE trigger numbers the change.
-    IF EXISTS (SELECT 1 FROM service_configs
-               WHERE org_id = NEW.org_id AND service = NEW.service AND key = NEW.key) THEN
+    IF config_agent_entry_exists(NEW.org_id, NEW.service, NEW.key) THEN
+        RETURN NEW;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'config_agent.entry:' || NEW.org_id || '/' || NEW.service || '/' || NEW.key, 0));
+    IF config_agent_entry_exists(NEW.org_id, NEW.service, NEW.key) THEN
         RETURN NEW;
     END IF;
     IF NEW.deleted THEN
