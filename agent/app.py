@@ -49,6 +49,7 @@ class Agent:
         self.syncer = Syncer(
             self.store, self.status, self.source, org_id=org_id, services=settings.services,
             reconcile_interval=settings.reconcile_interval,
+            drift_grace=settings.drift_grace,
             fallback_poll_interval=settings.fallback_poll_interval,
             stale_after=settings.stale_after,
             db_idle_timeout=settings.db_idle_timeout,
@@ -84,6 +85,7 @@ class Agent:
             await tg.start(self._run_outputs)
             tg.start_soon(self.syncer.run_fetcher)
             tg.start_soon(self.syncer.run_reconciler)
+            tg.start_soon(self.syncer.run_drift_judge)
             tg.start_soon(self.syncer.run_fallback_poll)
             tg.start_soon(self.syncer.run_staleness)
             tg.start_soon(self.syncer.run_idle_closer)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     metrics_port: Port = 9790
     # Full revision check every this many seconds (±10 % jitter).
     reconcile_interval: Seconds = 300.0
+    # A change reconcile found counts as drift only if pub/sub has not delivered it
+    # this many seconds later (a busy agent may still be reading its announcement).
+    drift_grace: float = Field(default=5.0, ge=0)
     # Revision polling while Redis is down.
     fallback_poll_interval: Seconds = 5.0
     # No successful sync for this long → stale.

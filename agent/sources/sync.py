@@ -1,7 +1,8 @@
 """The sync engine of SPEC §3: announcements → coalesced delta fetches → store.apply().
 
 One fetch in flight at a time, at most one more queued; periodic reconcile with
-jitter; revision polling while Redis is down; retries with backoff while
+jitter (what it finds counts as drift unless pub/sub delivers it within
+`drift_grace`); revision polling while Redis is down; retries with backoff while
 PostgreSQL is down; staleness after `stale_after` without a successful sync.
 """
 
@@ -27,6 +28,9 @@ log = logging.getLogger("agent.sync")
 LAG_RETRIES = (0.005, 0.02, 0.1, 0.25)
 # Source precedence when several requests coalesce into one fetch.
 _RANK = {"reconcile": 0, "poll": 1, "pubsub": 2}
+# A change that reconcile found before its announcement was read may still be on its
+# way (a busy agent, a burst): it is drift only if pub/sub has not delivered it by then.
+DRIFT_GRACE = 5.0
 
 
 class Syncer:
@@ -46,6 +50,7 @@ class Syncer:
         db_idle_timeout: float = 0.0,
         clock: Callable[[], float] = time.time,
         db_backoff: Backoff | None = None,
+        drift_grace: float = DRIFT_GRACE,
     ) -> None:
         self.store = store
         self.status = status
@@ -64,6 +69,10 @@ class Syncer:
         self._pending: dict[tuple[str, str], int] = {}
         self._redis_down = anyio.Event()
         self._redis_up = anyio.Event()
+        self.drift_grace = drift_grace
+        # (service, key, version) applied by reconcile, not announced yet → when it counts as drift.
+        self._suspects: dict[tuple[str, str, int], float] = {}
+        self._suspected = anyio.Event()
 
     # -- start -----------------------------------------------------------------
 
@@ -103,6 +112,8 @@ class Syncer:
             self.status.count_message("foreign")
             return
         ident = (ann.service, ann.key)
+        if self._suspects:
+            self._suspects.pop((ann.service, ann.key, ann.version), None)  # late, not lost
         if ann.version <= self.store.version_of(*ident) or ann.revision <= self.store.snapshot.revision:
             self.status.count_message("duplicate")
             return
@@ -170,10 +181,12 @@ class Syncer:
                            if c.version > self._pending.get((c.service, c.key), 0)}
         applied = self.store.apply(fetched.changes, revision=fetched.revision, source=source)
         if source == "reconcile" and applied.changes:
-            drift = sum(1 for c in applied.changes if (c.service, c.key, c.version) in unannounced)
-            if drift:
-                log.warning("reconcile found %d change(s) pub/sub had not delivered", drift)
-                self.status.count_drift(drift)
+            due = time.monotonic() + self.drift_grace
+            for c in applied.changes:
+                if (c.service, c.key, c.version) in unannounced:
+                    self._suspects[(c.service, c.key, c.version)] = due
+            if self._suspects:
+                self._suspected.set()
         for change in applied.changes:
             ident = (change.service, change.key)
             if self._pending.get(ident, 0) <= change.version:
@@ -204,6 +217,22 @@ class Syncer:
         while True:
             await anyio.sleep(jittered(self.reconcile_interval))
             self.request("reconcile")
+
+    async def run_drift_judge(self) -> None:
+        """Count as drift the changes reconcile found that pub/sub still has not delivered."""
+        while True:
+            await self._suspected.wait()
+            now = time.monotonic()
+            lost = [ident for ident, due in self._suspects.items() if due <= now]
+            for ident in lost:
+                del self._suspects[ident]
+            if lost:
+                log.warning("reconcile found %d change(s) pub/sub had not delivered", len(lost))
+                self.status.count_drift(len(lost))
+            if self._suspects:
+                await anyio.sleep(max(0.0, min(self._suspects.values()) - now))
+            else:
+                self._suspected = anyio.Event()
 
     async def run_fallback_poll(self) -> None:
         """While Redis is down, poll the org revision every fallback_poll_interval."""
