@@ -42,6 +42,8 @@ AGENT_FLAGS = (
     ("--metrics-host", "metrics address (default 0.0.0.0)"),
     ("--metrics-port", "metrics port, also /healthz and /readyz (default 9790, 0 = off)"),
     ("--reconcile-interval", "seconds between full revision checks (default 300)"),
+    ("--drift-grace", "seconds a change reconcile found may still arrive by pub/sub before it "
+                      "counts as drift (default 5)"),
     ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
     ("--stale-after", "seconds without a successful sync before stale (default 600)"),
     ("--db-idle-timeout", "close the idle read connection after this many seconds (default 60, 0 = never)"),

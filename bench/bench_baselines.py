@@ -74,7 +74,7 @@ async def run_kind(servers: Servers, kind: str, n: int, changes: int, idle_s: fl
         commits = await _make_changes(servers, kind, n, changes, interval, etcd)
         await anyio.sleep(interval + (0.5 if n >= 1000 else 0.2))
         q1 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
-        last, every, missed = _collect(workers, commits)
+        last, every, missed = collect_last_and_every(workers, commits)
     finally:
         stop_all(workers)
     return {
@@ -118,8 +118,9 @@ async def _make_changes(servers: Servers, kind: str, n: int, changes: int, inter
     return commits
 
 
-def _collect(workers: list[Worker], commits: list[tuple[int, float]]
-             ) -> tuple[list[float], list[float], int]:
+def collect_last_and_every(workers: list[Worker], commits: list[tuple[int, float]]
+                           ) -> tuple[list[float], list[float], int]:
+    """Per change: when the last watcher held it (ms after COMMIT), every watcher's time, misses."""
     seen = [w for worker in workers for w in worker.dump()]
     last: list[float] = []
     every: list[float] = []

@@ -42,10 +42,14 @@ class Worker:
         self.ready = json.loads(line)
         return self.ready
 
-    def dump(self, timeout: float = 60) -> list[list[tuple[int, float]]]:
+    def send(self, line: str) -> None:
+        """One protocol line (`dump`, `profile on`, …)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("dump\n")
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def dump(self, timeout: float = 60) -> list[list[tuple[int, float]]]:
+        self.send("dump")
         doc = json.loads(_readline(self.proc, timeout))
         return [[(int(r), float(t)) for r, t in w] for w in doc["seen"]]
 

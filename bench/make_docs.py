@@ -11,7 +11,7 @@ import json
 from contextlib import redirect_stdout
 from typing import Any
 
-from bench import bench_baselines, bench_footprint, bench_propagation
+from bench import bench_baselines, bench_fanout_profile, bench_footprint, bench_propagation
 from bench.common import RESULTS, ROOT
 
 HEADER = """# Benchmarks
@@ -38,6 +38,7 @@ Private servers started by each command: PostgreSQL with `fsync = off`
 python -m bench.bench_propagation --agents 1,10,100,1000 --runs 3
 python -m bench.bench_baselines
 python -m bench.bench_footprint
+python -m bench.bench_fanout_profile --cprofile
 python -m bench.make_docs          # rewrites this file from bench/results/*.json
 ```
 
@@ -158,6 +159,11 @@ def main() -> None:
         parts.append("\n## Footprint (issue #7.5)\n\n`" + docs["footprint"]["command"] + "`, "
                      + docs["footprint"]["when"] + "\n")
         parts.append(_capture(bench_footprint.report, docs["footprint"]))
+    fanout = _load("fanout_profile")
+    if fanout:
+        parts.append("\n## Where the CPU goes when one change reaches N agents (issue #7)\n\n`"
+                     + fanout["command"] + "`, " + fanout["when"] + "\n")
+        parts.append(_capture(bench_fanout_profile.report, fanout))
     http = _load("http")
     if http:
         parts.append(_http_section(http))

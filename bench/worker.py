@@ -11,9 +11,11 @@ configuration-store design) or `etcd` (a watch stream on the etcd gRPC gateway).
 Protocol on stdin/stdout, one JSON document per line: the worker prints
 `{"ready": true, "ports": [...], "dirs": [...]}` once every watcher runs; on the
 line `dump` it prints `{"seen": [[[revision, unix_time], ...] per watcher]}` (the
-first moment each watcher held each new revision) and forgets them; on `quit`
-(or end of input) it exits. Times are `time.time()`: the coordinator compares
-them with its own commit timestamps on the same machine clock.
+first moment each watcher held each new revision) and forgets them; `profile on` /
+`profile off` run cProfile over that window when BENCH_CPROFILE_DIR is set (the
+stats go there); on `quit` (or end of input) it exits. Times are `time.time()`:
+the coordinator compares them with its own commit timestamps on the same machine
+clock.
 """
 
 from __future__ import annotations
@@ -124,6 +126,26 @@ async def etcd_loop(url: str, prefix: str, out: list[tuple[int, float]],
                     out.append((int(event["kv"]["mod_revision"]), now))
 
 
+def _profile(on: bool) -> None:
+    """`profile on` / `profile off` (bench_fanout_profile --cprofile): cProfile this window only."""
+    global _profiler
+    directory = os.environ.get("BENCH_CPROFILE_DIR")
+    if not directory:
+        return
+    import cProfile
+
+    if on:
+        _profiler = cProfile.Profile()
+        _profiler.enable()
+    elif _profiler is not None:
+        _profiler.disable()
+        _profiler.dump_stats(Path(directory) / f"worker-{os.getpid()}.pstats")
+        _profiler = None
+
+
+_profiler: Any = None
+
+
 async def main(args: argparse.Namespace) -> None:
     seen: Seen = [[] for _ in range(args.count)]
     ready: dict[str, Any] = {"ready": True, "ports": [], "dirs": [], "pid": os.getpid()}
@@ -148,6 +170,8 @@ async def main(args: argparse.Namespace) -> None:
                     watcher.clear()
             elif line.strip() == "quit":
                 break
+            elif line.strip() in ("profile on", "profile off"):
+                _profile(line.strip() == "profile on")
         tg.cancel_scope.cancel()
 
 

@@ -83,3 +83,18 @@ def test_http_and_writes_smoke(tmp_path: Path, pg_admin_url: str) -> None:
         assert proc.returncode == 0, script + proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads((tmp_path / "http.smoke.json").read_text())["medians"]
     assert json.loads((tmp_path / "writes.smoke.json").read_text())["writers_8"]["median_changes_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_fanout_profile_smoke(tmp_path: Path) -> None:
+    """CPU per change by component beside the last-agent latency, and the workers' cProfile."""
+    doc = run_bench("fanout_profile", tmp_path)
+    (row,) = doc["results"]
+    assert row["missed"] == 0 and SUMMARY <= row["last_agent_ms"].keys()
+    assert set(row["cpu_ms_per_change"]) == {"agents", "postgresql", "redis", "writer"}
+    assert row["cpu_ms_per_change"]["agents"] > 0 and row["cpu_ms_per_change"]["postgresql"] > 0
+    assert row["reader_statements_per_change_per_agent"] >= 1
+    profile = doc["profiles"]["2"]
+    assert profile["profiled_us_per_change_per_agent"] > 0
+    assert any(group.startswith("agent.") for group, _us, _share in profile["groups"])
