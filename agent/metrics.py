@@ -69,11 +69,11 @@ class Metrics:
         self.messages = Counter(
             "config_agent_messages", "Redis messages received, by result.", ["result"], registry=r
         )
-        for source in SOURCES:
-            self.updates.labels(source=source)
-        for result in RESULTS:
-            self.messages.labels(result=result)
-        self.revision.labels(org_id=org_id)
+        # The labelled children, looked up once: `labels()` takes a lock and builds a key
+        # on every call, and these are touched for every message and every change.
+        self.updates_by_source = {source: self.updates.labels(source=source) for source in SOURCES}
+        self.messages_by_result = {result: self.messages.labels(result=result) for result in RESULTS}
+        self.org_revision = self.revision.labels(org_id=org_id)
         self.hook_runs = Counter(
             "config_agent_hook_runs", "Change hook runs, by hook (exec|signal|webhook) and result.",
             ["hook", "result"], registry=r,
@@ -94,8 +94,8 @@ class Metrics:
             if source != "warmload" and change.committed_at is not None:
                 self.propagation.observe(max(0.0, now - change.committed_at))
         if applied.changes:
-            self.updates.labels(source=source).inc(len(applied.changes))
-        self.revision.labels(org_id=self.org_id).set(snapshot.revision)
+            self.updates_by_source[source].inc(len(applied.changes))
+        self.org_revision.set(snapshot.revision)
         self.stale.set(int(snapshot.stale))
         if snapshot.last_sync:
             self.last_sync.set(snapshot.last_sync)

@@ -40,7 +40,7 @@ class SyncStatus:
 
     def count_message(self, result: str) -> None:
         """Count one Redis message by result (applied|duplicate|invalid|foreign)."""
-        self.metrics.messages.labels(result=result).inc()
+        self.metrics.messages_by_result[result].inc()
 
     def count_drift(self, changes: int) -> None:
         """Count changes that reconcile found but pub/sub had not delivered."""
