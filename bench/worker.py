@@ -135,7 +135,9 @@ def _profile(on: bool) -> None:
     import cProfile
 
     if on:
-        _profiler = cProfile.Profile()
+        # CPU time of this thread, not wall time: time the process waited for a core
+        # (2 cores, dozens of processes) must not land on whatever function ran last.
+        _profiler = cProfile.Profile(time.thread_time)
         _profiler.enable()
     elif _profiler is not None:
         _profiler.disable()

@@ -93,7 +93,8 @@ def test_fanout_profile_smoke(tmp_path: Path) -> None:
     (row,) = doc["results"]
     assert row["missed"] == 0 and SUMMARY <= row["last_agent_ms"].keys()
     assert set(row["cpu_ms_per_change"]) == {"agents", "postgresql", "redis", "writer"}
-    assert row["cpu_ms_per_change"]["agents"] > 0 and row["cpu_ms_per_change"]["postgresql"] > 0
+    # /proc counts CPU in 10 ms ticks: a smoke run's few changes may not reach one.
+    assert all(ms >= 0 for ms in row["cpu_ms_per_change"].values())
     assert row["reader_statements_per_change_per_agent"] >= 1
     profile = doc["profiles"]["2"]
     assert profile["profiled_us_per_change_per_agent"] > 0
