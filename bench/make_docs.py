@@ -49,52 +49,60 @@ CI: `pytest tests/test_bench_smoke.py` runs each command with `--smoke`
 
 # Where the time goes, targets and findings (kept with the code that renders the tables).
 ANALYSIS = """
-## Targets (latest full run, quiet machine; 2 cores shared by servers, agents and probes)
+## Targets (latest full run, 2026-12-02; 2 cores shared by servers, agents and probes)
+
+This machine was 2–4× slower on that day than in the run of 2026-11-27 (nginx served 42 k req/s against 98 k,
+the raw Redis PUBLISH→receive hop took 0.57 ms against 0.17 ms): compare each figure with the baseline of the
+same run, not with the earlier day.
 
 | Target | Figure | Met? |
 |---|---|---|
-| 1 agent, COMMIT → applied in the store, p99 ≤ 2 ms (issue #3) | agent in its own process: p50 0.63 / p99 1.88 ms (direct publish), 0.97 / 2.53 ms (trigger → relay); in-process with the writer on the same loop: p50 0.54 / p99 3.99 ms; raw Redis PUBLISH→receive beside it p50 0.17 / p99 0.78 ms | direct yes, relay just over |
-| 1 agent, COMMIT → served (HTTP long-poll), p99 ≤ 3 ms | p50 0.83 / p99 2.21 ms (direct), 1.24 / 2.72 ms (relay) | yes |
-| last of 100 agents ≤ 20 ms | 25 ms p50 / 58 ms p99 (baselines run, no files); 130 ms p50 with 100 file sets on one disk (propagation run) | no |
-| last of 1,000 agents ≤ 250 ms | 254 ms p50 (baselines run); 293 / 313 ms p50 direct / relay (propagation run); no file sets | no (just over) |
-| DB queries per change per agent: 1 | 1.000 (agent counter and pg_stat_statements, every N) | yes |
+| 1 agent, COMMIT → applied in the store, p99 ≤ 2 ms (issue #3) | agent in its own process: p50 1.62 / p99 2.82 ms (direct publish), 2.27 / 3.54 ms (trigger → relay); raw Redis PUBLISH→receive beside it p50 0.57 / p99 1.00 ms (on 2026-11-27: 0.63 / 1.88 ms with a 0.17 ms hop) | no on this day, yes on 11-27 |
+| 1 agent, COMMIT → served (HTTP long-poll), p99 ≤ 3 ms | p50 2.15 / p99 4.07 ms (direct), 2.88 / 4.53 ms (relay) | no on this day (11-27: 2.21 ms) |
+| last of 100 agents ≤ 20 ms | 53.6 ms p50 (baselines run, no files; LISTEN/NOTIFY 18.4 ms in the same run); 51.7 ms in the fan-out profile, whose CPU floor is 47.2 ms | no: CPU-bound, see below |
+| last of 1,000 agents ≤ 250 ms | 1,344 ms p50 (baselines run; LISTEN/NOTIFY 210 ms) | no: CPU-bound and queueing, see below |
+| DB queries per change per agent: 1 | 1.000 (agent counter and pg_stat_statements) while agents keep up; 0.74 at N = 1,000, where lagging agents coalesce two changes into one query | yes |
 | DB queries between reconciles: 0 | 0 | yes |
-| idle CPU ≈ 0 | 0.1–0.2 % of a core | yes |
-| idle RSS ≤ 40 MB | 55 MiB | no (imports, see below) |
-| start → ready, 10,000 entries ≤ 300 ms | in-process Agent.run → started 158 ms; process spawn → /readyz 200: 448 ms (10 entries already take 332 ms: interpreter start + imports) | in-process yes, process no |
-| RSS with 10,000 entries | 71 MiB | — |
-| faster than every baseline at every N | faster than polling at every N (1 s poll: last ≈ 1,000 ms; 5 s poll: ≈ 5,000 ms). LISTEN/NOTIFY per watcher (0.44 / 1.9 / 5.1 / 87 ms at N = 1/10/100/1,000) and etcd watch (≈ 0 / 0.9 / 3.4 ms at N = 1/10/100) are faster than ours (1.3 / 5.4 / 25 / 254 ms) | no |
+| idle CPU ≈ 0 | 0.2–0.3 % of a core | yes |
+| idle RSS ≤ 40 MB | 55.5 MiB | no (imports, see below) |
+| start → ready, 10,000 entries ≤ 300 ms | in-process Agent.run → started 543 ms on this day (158 ms on 11-27); process spawn → /readyz 200: 1,307 ms (10 entries already take 886 ms: interpreter start + imports) | no on this day |
+| RSS with 10,000 entries | 71.3 MiB | — |
+| faster than every baseline at every N | faster than polling at every N (1 s poll: last ≈ 1,000 ms; 5 s poll: ≈ 5,000 ms). LISTEN/NOTIFY per watcher (0.69 / 4.3 / 18.4 / 210 ms at N = 1/10/100/1,000) and etcd watch (≈ 0 / 1.2 / 17.5 ms at N = 1/10/100) are faster than ours (2.4 / 10.8 / 53.6 / 1,344 ms) | no |
 | DB load vs polling | ours 0 statements/s per agent at idle vs 1.0 (1 s poll) and 0.2 (5 s poll); 1 statement per change per agent | yes |
 | fewer DB connections than LISTEN/NOTIFY per agent | while changes flow: equal (1 per agent); between changes: 0 after `db_idle_timeout` (default 60 s), against N held forever by LISTEN/NOTIFY | yes at idle, equal under load |
 
 ## Where the time goes
 
-- **Single agent.** COMMIT → applied = Redis hop (raw PUBLISH→receive p50 0.17 ms)
-  + one delta query (≈ 0.3 ms) + apply. The p99 tail comes from sharing two cores
-  with PostgreSQL, Redis, the writer and the probe; the trigger → relay path adds one
-  more hop (PostgreSQL NOTIFY → relay → Redis).
-- **Many agents.** Each change costs N delta queries (one per agent, by design: a
-  message never carries the value) plus N message parses, applies and HTTP answers
-  in Python. At N = 1,000 that is ≈ 1,000 × (≈ 0.1 ms PostgreSQL + ≈ 0.15 ms Python)
-  ≈ 250 ms of CPU on 2 cores: the last agent waits for the whole fan-out, which in a
-  cluster is spread over many nodes. LISTEN/NOTIFY per watcher skips the Redis hop
-  (PostgreSQL notifies at commit, before the writer even sees COMMIT return) and our
-  sync engine, hence faster here — at the price of one permanent backend per pod.
-- **File sets.** Each change builds a new generation directory: one `mkdir` per
-  service, a hard link per unchanged file, and an `fsync` of each *written* file
-  (configs.json, configs.env, the changed entries); directories are no longer fsynced
-  (profiled before: `_fsync_dir` per service was the largest share of a swap). In the
-  benchmark 100 agents share one disk and 10 processes, so their fsyncs queue (files
-  p50 524 ms at N = 100); in a pod the chart mounts the output `emptyDir` with
-  `medium: Memory`, where fsync is free. Measured here on disk, files lag the HTTP
-  answer by ≈ 2.4 ms at N = 1.
-- **Idle RSS** is import cost: bare Python + asyncio/ssl ≈ 20 MiB, pydantic +
-  pydantic-settings ≈ 13, redis-py ≈ 6, asyncpg ≈ 3, prometheus-client ≈ 2, uvicorn ≈ 2,
-  watchfiles ≈ 1.3 → 52 MiB before any data. ≤ 40 MB needs dropping a required
-  dependency (pydantic-settings is the largest).
-- **DB connections.** The agent closes its read connection after `db_idle_timeout`
-  (default 60 s) without a query and reopens it on the next announcement (≈ 2.3 ms on
-  loopback with trust authentication; more with TLS and SCRAM).
+- **Single agent.** COMMIT → applied = Redis hop (raw PUBLISH→receive p50 0.57 ms on this day)
+  + one delta query + apply. The p99 tail comes from sharing two cores with PostgreSQL, Redis, the
+  writer and the probe; the trigger → relay path adds one more hop (PostgreSQL NOTIFY → relay → Redis).
+- **Many agents: CPU-bound.** `bench_fanout_profile` adds up the CPU of every process taking part. At
+  N = 100 one change costs 94 ms of CPU: 55 ms in the agents (553 µs per agent), 37 ms in PostgreSQL
+  backends (367 µs per delta query, wake-up included), 0.7 ms in Redis, 1.7 ms in the writer. On 2 cores
+  nothing can beat 47 ms, and the last agent got there in 52 ms. At N = 1,000 it is 750 ms of CPU per change
+  (floor 375 ms) while changes arrive every 500 ms, so agents fall behind, coalesce and queue (1.6 s). The
+  cProfile pass splits an agent's CPU per message into redis-py (19–22 % even with hiredis: its Python
+  layers around the parser), builtins and asyncio (≈ 28 %), prometheus-client (9 %), json (8 %) and our
+  own code (≈ 20 %, led by message validation). In a cluster the fan-out is spread over many nodes: what
+  one node pays is (its agents) × ≈ 0.55 ms, plus ≈ 0.37 ms per agent on the PostgreSQL server, which is
+  the figure to watch. LISTEN/NOTIFY per watcher skips the Redis hop and our sync engine, hence faster
+  here, at the price of one permanent backend per pod.
+- **Measured changes in this run.** The RLS lookup function is PL/pgSQL instead of a SECURITY DEFINER SQL
+  function (PostgreSQL re-planned the SQL function's body in every query: the reader's delta query went
+  from 240 to 120 µs of backend CPU in a tight loop). redis-py uses hiredis (the pure-Python parser was
+  30 % of an agent's CPU per message). Metric children are looked up once. In the baselines runs of the
+  same day before and after these changes: N = 100 81 → 54 ms, N = 1,000 2,236 → 1,344 ms. LISTEN/NOTIFY
+  moved 15 → 18 and 227 → 210 ms over the same runs.
+- **File sets.** Each change builds a new generation directory: one `mkdir` per service, a hard link
+  per unchanged file, and an `fsync` of each *written* file (configs.json, configs.env, the changed
+  entries). In the propagation benchmark, 100 agents share one disk and 10 processes, so their fsyncs
+  queue. In a pod the chart mounts the output `emptyDir` with `medium: Memory`, where fsync is free.
+- **Idle RSS** is import cost: bare Python 10.7 MiB, asyncio + ssl +9.3, pydantic-settings +13.7, redis
+  +5.9, asyncpg +3.5, prometheus-client +2.1, uvicorn +3.4 → 52 MiB before any data. ≤ 40 MB needs dropping
+  a required dependency (pydantic-settings is the largest).
+- **DB connections.** The agent closes its read connection after `db_idle_timeout` (default 60 s)
+  without a query and reopens it on the next announcement (a few ms on loopback with trust
+  authentication; more with TLS and SCRAM).
 """
 
 
