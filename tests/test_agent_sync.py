@@ -12,6 +12,7 @@ import anyio
 import asyncpg
 import pytest
 
+from agent.app import Agent
 from agent.db.roles import grant_reader
 from agent.db.writer import ConfigWriter
 from agent.redis_client import redis_client
@@ -64,15 +65,20 @@ async def test_agent_converges_while_four_writers_make_500_changes(
             assert metric(agent, "config_version", {"org_id": org, "service": service, "key": key}) == version
 
 
+async def change_by_plain_sql_until_reconciled(db: asyncpg.Connection, org: str, agent: Agent) -> None:
+    """Update ai.t (at v1) and create ai.u by plain SQL, unannounced; wait until reconcile applied both."""
+    await db.execute("UPDATE service_configs SET value = '2' WHERE org_id = $1 AND key = 't'", org)
+    await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 'u', '3')", org)
+    await eventually(lambda: agent_state(agent) == {("ai", "t"): (2, 2), ("ai", "u"): (3, 1)}, 3,
+                     "reconcile applied the changes")
+
+
 async def test_plain_sql_without_relay_is_applied_by_reconcile_and_counted_as_drift(
         db: asyncpg.Connection, db_url: str, redis_url: str, org: str) -> None:
     await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 't', '1')", org)
     async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url,
                              reconcile_interval=0.5, drift_grace=0.3) as agent:
-        await db.execute("UPDATE service_configs SET value = '2' WHERE org_id = $1", org)
-        await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 'u', '3')", org)
-        await eventually(lambda: agent_state(agent) == {("ai", "t"): (2, 2), ("ai", "u"): (3, 1)}, 3,
-                         "reconcile applied the changes")
+        await change_by_plain_sql_until_reconciled(db, org, agent)
         await eventually(lambda: metric(agent, "config_agent_drift_total") == 2, 2, "drift counted")
         assert metric(agent, "config_agent_updates_total", {"source": "reconcile"}) == 2
         assert metric(agent, "config_agent_updates_total", {"source": "pubsub"}) == 0
@@ -87,10 +93,7 @@ async def test_an_announcement_reconcile_overtook_is_not_drift(
     client = redis_client(redis_url)
     async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url,
                              reconcile_interval=0.3, drift_grace=1.5) as agent:
-        await db.execute("UPDATE service_configs SET value = '2' WHERE org_id = $1 AND key = 't'", org)
-        await db.execute("INSERT INTO service_configs (org_id, service, key, value) VALUES ($1, 'ai', 'u', '3')", org)
-        await eventually(lambda: agent_state(agent) == {("ai", "t"): (2, 2), ("ai", "u"): (3, 1)}, 3,
-                         "reconcile applied the changes")
+        await change_by_plain_sql_until_reconciled(db, org, agent)
         # ai.t's announcement arrives after reconcile applied it, within the grace; ai.u's never does.
         rev = await db.fetchval("SELECT revision FROM service_configs WHERE org_id = $1 AND key = 't'", org)
         await client.publish(f"config:{org}:ai:t", json.dumps(
