@@ -71,7 +71,7 @@ async def run_kind(servers: Servers, kind: str, n: int, changes: int, idle_s: fl
         for w in workers:
             w.dump()
         q0 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
-        commits = await _make_changes(servers, kind, n, changes, interval, etcd)
+        commits = await make_changes(servers, kind, n, changes, interval, etcd)
         await anyio.sleep(interval + (0.5 if n >= 1000 else 0.2))
         q1 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
         last, every, missed = collect_last_and_every(workers, commits)
@@ -87,11 +87,16 @@ async def run_kind(servers: Servers, kind: str, n: int, changes: int, idle_s: fl
     }
 
 
-async def _make_changes(servers: Servers, kind: str, n: int, changes: int, interval: float,
+def change_spacing(n: int) -> float:
+    """Seconds between changes, so that each reaches every one of N watchers before the next."""
+    return 0.05 if n <= 100 else 0.5
+
+
+async def make_changes(servers: Servers, kind: str, n: int, changes: int, interval: float,
                         etcd: PrivateEtcd | None) -> list[tuple[int, float]]:
     """Commit `changes` changes, spaced so each one reaches every watcher before the next."""
     rng = random.Random(7)
-    spacing = 0.05 if n <= 100 else 0.5
+    spacing = change_spacing(n)
     commits: list[tuple[int, float]] = []
     if kind == "etcd":
         assert etcd is not None

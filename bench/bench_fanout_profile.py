@@ -33,7 +33,7 @@ from typing import Any
 
 import anyio
 
-from bench.bench_baselines import collect_last_and_every
+from bench.bench_baselines import change_spacing, collect_last_and_every, make_changes
 from bench.common import (
     READER_ROLE,
     Servers,
@@ -45,7 +45,7 @@ from bench.common import (
     summarize,
     write_result,
 )
-from bench.harness import TimedWriter, start_workers, stop_all
+from bench.harness import start_workers, stop_all
 
 ENTRIES = 10
 PROCESSES = 10
@@ -98,20 +98,6 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: after[k] - before[k] for k in after}
 
 
-async def _changes(servers: Servers, count: int, spacing: float) -> list[tuple[int, float]]:
-    writer = await TimedWriter.open(servers.pg.admin_url, redis_url=servers.redis.url)
-    assert isinstance(writer, TimedWriter)
-    commits = []
-    try:
-        for i in range(count):
-            result = await writer.set(servers.org, "s1", "k1", {"n": i, "t": time.time()}, actor="bench")
-            commits.append((result.revision, writer.committed_at))
-            await anyio.sleep(spacing)
-    finally:
-        await writer.close()
-    return commits
-
-
 async def measure(servers: Servers, n: int, changes: int, profile_dir: Path | None) -> dict[str, Any]:
     """One fan-out: CPU per change by component, last-agent latency, statements."""
     env = agent_env(servers)
@@ -120,8 +106,7 @@ async def measure(servers: Servers, n: int, changes: int, profile_dir: Path | No
     workers = start_workers("agents", n, min(n, PROCESSES), env)
     try:
         account = CpuAccount(servers, [w.proc.pid for w in workers])
-        spacing = 0.05 if n <= 100 else 0.5
-        window = changes * spacing + 0.5
+        window = changes * change_spacing(n) + 0.5
         await anyio.sleep(1.0)
         idle0 = account.read()
         await anyio.sleep(window)
@@ -133,7 +118,7 @@ async def measure(servers: Servers, n: int, changes: int, profile_dir: Path | No
             w.send("profile on")
         busy0 = account.read()
         t0 = time.monotonic()
-        commits = await _changes(servers, changes, spacing)
+        commits = await make_changes(servers, "ours", n, changes, 0.0, None)
         await anyio.sleep(max(0.0, window - (time.monotonic() - t0)))
         busy = _delta(account.read(), busy0)
         for w in workers:

@@ -89,8 +89,8 @@ same run, not with the earlier day.
   here, at the price of one permanent backend per pod.
 - **Measured changes in this run.** The RLS lookup function is PL/pgSQL instead of a SECURITY DEFINER SQL
   function (PostgreSQL re-planned the SQL function's body in every query: the reader's delta query went
-  from 240 to 120 µs of backend CPU in a tight loop). redis-py uses hiredis (the pure-Python parser was
-  30 % of an agent's CPU per message). Metric children are looked up once. In the baselines runs of the
+  from 240 to 120 µs of backend CPU in a tight loop). redis-py uses hiredis (redis-py with its pure-Python
+  parser was 30 % of an agent's CPU per message). Metric children are looked up once. In the baselines runs of the
   same day before and after these changes: N = 100 81 → 54 ms, N = 1,000 2,236 → 1,344 ms. LISTEN/NOTIFY
   moved 15 → 18 and 227 → 210 ms over the same runs.
 - **File sets.** Each change builds a new generation directory: one `mkdir` per service, a hard link

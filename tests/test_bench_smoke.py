@@ -93,8 +93,7 @@ def test_fanout_profile_smoke(tmp_path: Path) -> None:
     (row,) = doc["results"]
     assert row["missed"] == 0 and SUMMARY <= row["last_agent_ms"].keys()
     assert set(row["cpu_ms_per_change"]) == {"agents", "postgresql", "redis", "writer"}
-    # /proc counts CPU in 10 ms ticks: a smoke run's few changes may not reach one.
-    assert all(ms >= 0 for ms in row["cpu_ms_per_change"].values())
+    # No CPU figure is asserted: /proc counts in 10 ms ticks, which a smoke run's few changes may not reach.
     assert row["reader_statements_per_change_per_agent"] >= 1
     profile = doc["profiles"]["2"]
     assert profile["profiled_us_per_change_per_agent"] > 0

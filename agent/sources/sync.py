@@ -28,9 +28,6 @@ log = logging.getLogger("agent.sync")
 LAG_RETRIES = (0.005, 0.02, 0.1, 0.25)
 # Source precedence when several requests coalesce into one fetch.
 _RANK = {"reconcile": 0, "poll": 1, "pubsub": 2}
-# A change that reconcile found before its announcement was read may still be on its
-# way (a busy agent, a burst): it is drift only if pub/sub has not delivered it by then.
-DRIFT_GRACE = 5.0
 
 
 class Syncer:
@@ -50,7 +47,7 @@ class Syncer:
         db_idle_timeout: float = 0.0,
         clock: Callable[[], float] = time.time,
         db_backoff: Backoff | None = None,
-        drift_grace: float = DRIFT_GRACE,
+        drift_grace: float = 5.0,
     ) -> None:
         self.store = store
         self.status = status

@@ -24,8 +24,8 @@ REVOKE ALL ON config_reader_roles FROM PUBLIC;
 -- The org a reader role may see. SECURITY DEFINER so readers need no access to
 -- the mapping table; the caller passes current_user from the policy expression.
 -- PL/pgSQL, not SQL: a SECURITY DEFINER SQL function is never inlined, and its body
--- is parsed and planned again in every query that calls it (≈ 75 µs per policy, two
--- per delta query, measured), while PL/pgSQL keeps its plan for the session.
+-- is parsed and planned again in every query that calls it (the delta query, two
+-- policies, measured 240 → 120 µs of backend CPU), while PL/pgSQL keeps its plan.
 CREATE OR REPLACE FUNCTION config_agent_reader_org(p_role text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT
 AS $$
