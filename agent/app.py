@@ -45,7 +45,8 @@ class Agent:
         self.status = SyncStatus(metrics=self.metrics)
         self.store = Store(org_id, on_applied=self.metrics.on_applied)
         self.source = PgSource(settings.read_url or "", org_id, settings.services,
-                               password_file=settings.database_password_file)
+                               password_file=settings.database_password_file,
+                               pool_mode=settings.database_pool_mode)
         self.syncer = Syncer(
             self.store, self.status, self.source, org_id=org_id, services=settings.services,
             reconcile_interval=settings.reconcile_interval,
@@ -53,6 +54,8 @@ class Agent:
             fallback_poll_interval=settings.fallback_poll_interval,
             stale_after=settings.stale_after,
             db_idle_timeout=settings.db_idle_timeout,
+            lag_chase_timeout=settings.lag_chase_timeout,
+            fetch_jitter=settings.fetch_jitter,
         )
         self.events = None
         if settings.redis_url:
@@ -61,7 +64,13 @@ class Agent:
                 on_message=self.syncer.on_message,
                 on_connected=self.syncer.on_redis_connected,
                 on_disconnected=self.syncer.on_redis_disconnected,
+                on_heard=self.syncer.on_redis_heard,
+                on_deaf=self.syncer.on_redis_deaf,
                 password_file=settings.redis_password_file, ca_file=settings.redis_ca_file,
+                channels=settings.redis_channels,
+                heartbeat_interval=settings.heartbeat_interval,
+                # The relay sends heartbeats to orgs it knows: those with an entry.
+                expect_heartbeat=lambda: self.store.snapshot.revision > 0,
             )
         self.listening: Listening | None = None  # where the API listens, once started
         self.file_sink = None
@@ -84,6 +93,7 @@ class Agent:
             # Ready means "written out": the outputs start with the first snapshot on disk.
             await tg.start(self._run_outputs)
             tg.start_soon(self.syncer.run_fetcher)
+            tg.start_soon(self.syncer.run_lag_chaser)
             tg.start_soon(self.syncer.run_reconciler)
             tg.start_soon(self.syncer.run_drift_judge)
             tg.start_soon(self.syncer.run_fallback_poll)

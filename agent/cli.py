@@ -26,6 +26,8 @@ CONNECTION_FLAGS = (
     ("--redis-url", "redis:// or rediss:// URL"),
     ("--redis-password-file", "file holding the Redis password"),
     ("--redis-ca-file", "CA bundle for rediss://"),
+    ("--database-pool-mode", "session (direct, default) or transaction (behind a transaction-pooling PgBouncer)"),
+    ("--redis-channels", "auto, classic, sharded or both (publishers, while migrating to a cluster)"),
 )
 AGENT_FLAGS = (
     ("--database-read-url", "PostgreSQL URL to read from (a replica)"),
@@ -44,6 +46,11 @@ AGENT_FLAGS = (
     ("--reconcile-interval", "seconds between full revision checks (default 300)"),
     ("--drift-grace", "seconds a change reconcile found may still arrive by pub/sub before it "
                       "counts as drift (default 5)"),
+    ("--heartbeat-interval", "seconds between the relay's heartbeats; nothing heard for 3x this "
+                             "means resubscribe (default 5, 0 = off)"),
+    ("--lag-chase-timeout", "seconds to chase an announced version the read database does not "
+                            "show yet (default 15)"),
+    ("--fetch-jitter", "a fetch after an announcement waits a random 0..this many seconds (default 0.02)"),
     ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
     ("--stale-after", "seconds without a successful sync before stale (default 600)"),
     ("--db-idle-timeout", "close the idle read connection after this many seconds (default 60, 0 = never)"),
@@ -101,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("migrate", "create or upgrade the database schema")
     p = command("relay", "bridge PostgreSQL notifications to Redis")
     _add_flags(p, (("--metrics-port", "metrics port with /healthz and /readyz (default 9790, 0 = off)"),
-                   ("--metrics-host", "metrics address (default 0.0.0.0)")))
+                   ("--metrics-host", "metrics address (default 0.0.0.0)"),
+                   ("--heartbeat-interval", "seconds between heartbeats to every org's agents, and "
+                                            "between LISTEN proofs (default 5, 0 = no heartbeats)")))
 
     p = command("set", "create or update an entry")
     p.add_argument("org"), p.add_argument("service"), p.add_argument("key")

@@ -45,7 +45,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     settings.require("database_url")
 
     async def go() -> list[str]:
-        conn = await connect(settings.database_url or "", password_file=settings.database_password_file)
+        conn = await connect(settings.database_url or "", password_file=settings.database_password_file,
+                             pool_mode=settings.database_pool_mode)
         try:
             return [f"{m.version:03d}_{m.name}" for m in await migrate(conn)]
         finally:
@@ -64,6 +65,8 @@ async def _writer(settings: Settings) -> ConfigWriter:
         redis_url=settings.redis_url,
         redis_password_file=settings.redis_password_file,
         redis_ca_file=settings.redis_ca_file,
+        redis_channels=settings.redis_channels,
+        pool_mode=settings.database_pool_mode,
     )
 
 
@@ -145,24 +148,30 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def cmd_grant_reader(args: argparse.Namespace, settings: Settings) -> int:
     """`grant-reader`: PostgreSQL role plus the Redis ACL for one tenant."""
     from agent.db.roles import grant_reader, redis_acl_command
+    from agent.redis_client import channel_form, parse_redis_url
 
     settings.require("database_url")
     password = read_secret(args.password_file)
-    acl = redis_acl_command(args.org, args.role, password)
+    url = settings.redis_url
+    acl = redis_acl_command(args.org, args.role, password,
+                            sharded=bool(url) and channel_form(url or "", settings.redis_channels) == "sharded",
+                            cluster=bool(url) and parse_redis_url(url or "").kind == "cluster")
 
-    async def go() -> None:
-        conn = await connect(settings.database_url or "", password_file=settings.database_password_file)
+    async def go() -> int:
+        conn = await connect(settings.database_url or "", password_file=settings.database_password_file,
+                             pool_mode=settings.database_pool_mode)
         try:
             await grant_reader(conn, args.org, args.role, password)
         finally:
             await conn.close()
         if args.redis_apply:
-            await _apply_acl(settings, acl)
+            return await _apply_acl(settings, acl)
+        return 0
 
-    run_async(go)
+    nodes = run_async(go)
     print(f"granted: role {args.role} reads org {args.org} only")
     if args.redis_apply:
-        print(f"applied Redis ACL for user {args.role}")
+        print(f"applied Redis ACL for user {args.role} on {nodes} node(s)")
     else:
         shown = " ".join(
             "'>'\"$(cat PASSWORD_FILE)\"" if p.startswith(">") else shlex.quote(p) for p in acl
@@ -172,18 +181,17 @@ def cmd_grant_reader(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _apply_acl(settings: Settings, acl: list[str]) -> None:
-    from agent.redis_client import REDIS_ERRORS, redis_client
+async def _apply_acl(settings: Settings, acl: list[str]) -> int:
+    """ACLs are not replicated: apply on every primary and replica; the number of nodes."""
+    from agent.redis_client import run_on_every_node
 
     settings.require("redis_url")
-    client = redis_client(settings.redis_url or "", password_file=settings.redis_password_file,
-                          ca_file=settings.redis_ca_file)
     try:
-        await client.execute_command(*acl)  # type: ignore[no-untyped-call]
-    except REDIS_ERRORS as exc:
-        raise RedisError(f"cannot apply the Redis ACL: {type(exc).__name__}: {exc}") from exc
-    finally:
-        await client.aclose()
+        return await run_on_every_node(settings.redis_url or "", acl,
+                                       password_file=settings.redis_password_file,
+                                       ca_file=settings.redis_ca_file)
+    except RedisError as exc:
+        raise RedisError(f"cannot apply the Redis ACL: {exc}") from exc
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,6 +6,7 @@
     ├── ConflictError       (3)      --expect-version did not match
     ├── SourceError         (1)      PostgreSQL or Redis could not be used
     │   ├── DatabaseError   (1)
+    │   │   └── DatabaseBusyError (1) the server refused a connection (too many clients)
     │   └── RedisError      (1)
     └── SinkError           (1)      a listener or the file set could not be set up or written
 
@@ -44,6 +45,10 @@ class SourceError(ConfigAgentError):
 
 class DatabaseError(SourceError):
     """PostgreSQL failed or is unreachable."""
+
+
+class DatabaseBusyError(DatabaseError):
+    """PostgreSQL refused a new connection because it is full (too many clients)."""
 
 
 class RedisError(SourceError):

@@ -15,7 +15,7 @@ PROPAGATION_BUCKETS = (
     10.0, 30.0, 60.0, 300.0,
 )
 SOURCES = ("pubsub", "reconcile", "poll", "warmload")
-RESULTS = ("applied", "duplicate", "invalid", "foreign")
+RESULTS = ("applied", "duplicate", "invalid", "foreign", "heartbeat")
 
 
 class Metrics:
@@ -45,7 +45,8 @@ class Metrics:
             "config_agent_stale", "1 while values may be out of date.", registry=r
         )
         self.redis_connected = Gauge(
-            "config_agent_redis_connected", "1 while subscribed to Redis.", registry=r
+            "config_agent_redis_connected",
+            "1 while the Redis subscription hears (changes or the relay's heartbeats arrive).", registry=r
         )
         self.db_connected = Gauge(
             "config_agent_db_connected", "1 while the last PostgreSQL contact succeeded.",
@@ -74,9 +75,34 @@ class Metrics:
         self.updates_by_source = {source: self.updates.labels(source=source) for source in SOURCES}
         self.messages_by_result = {result: self.messages.labels(result=result) for result in RESULTS}
         self.org_revision = self.revision.labels(org_id=org_id)
+        self.redis_deaf = Counter(
+            "config_agent_redis_deaf",
+            "Times the Redis subscription heard neither a change nor a heartbeat for 3 heartbeat "
+            "intervals (or lost its shard) and was made again.", registry=r,
+        )
         self.hook_runs = Counter(
             "config_agent_hook_runs", "Change hook runs, by hook (exec|signal|webhook) and result.",
             ["hook", "result"], registry=r,
+        )
+        # Outputs on disk (agent/status.py OutputHealth): failing writes and what is left out.
+        self.files_ok = Gauge(
+            "config_agent_files_ok", "0 while the file set cannot be written (it keeps the last "
+            "complete one), else 1.", registry=r,
+        )
+        self.files_write_failures = Counter(
+            "config_agent_files_write_failures", "Failed attempts to write the file set.", registry=r
+        )
+        self.files_skipped = Gauge(
+            "config_agent_files_skipped", "Entries (for reason=occupied: top-level names) the "
+            "current file set leaves out, by reason.", ["reason"], registry=r,
+        )
+        self.state_ok = Gauge(
+            "config_agent_state_ok", "0 while the last-known-good snapshot cannot be saved (the "
+            "previous one is kept), else 1.", registry=r,
+        )
+        self.state_write_failures = Counter(
+            "config_agent_state_write_failures",
+            "Failed attempts to save the last-known-good snapshot.", registry=r,
         )
 
     def on_applied(self, applied: Applied, source: str) -> None:

@@ -63,8 +63,36 @@ def channel_for(org_id: str, service: str, key: str) -> str:
 
 
 def org_pattern(org_id: str) -> str:
-    """The Redis pattern covering every entry of one org."""
+    """The Redis pattern covering every entry of one org (and its heartbeat channel)."""
     return f"{CHANNEL_PREFIX}:{org_id}:*"
+
+
+def heartbeat_channel(org_id: str) -> str:
+    """The classic-form channel of the relay's heartbeat for one org (inside `org_pattern`)."""
+    return f"{CHANNEL_PREFIX}:{org_id}:heartbeat"
+
+
+def sharded_channel(org_id: str) -> str:
+    """The one sharded channel of an org in a Redis Cluster: the org is the hash tag."""
+    return f"{CHANNEL_PREFIX}:{{{org_id}}}"
+
+
+def heartbeat_json(org_id: str, ts: float) -> str:
+    """The heartbeat message: who it is for and when it was sent; no entry, no value."""
+    return json.dumps({"org_id": org_id, "heartbeat": ts}, separators=(",", ":"))
+
+
+def is_heartbeat(channel: str | bytes, data: str | bytes, org_id: str) -> bool:
+    """True for a heartbeat of `org_id` (classic channel, or the sharded one with no entry)."""
+    if isinstance(channel, bytes | bytearray):
+        channel = channel.decode(errors="replace")
+    if channel == heartbeat_channel(org_id):
+        return True
+    if channel != sharded_channel(org_id) or len(data) > MAX_MESSAGE_BYTES:
+        return False
+    # On the sharded channel, announcements carry a "service" field and heartbeats do not.
+    text = data.decode(errors="replace") if isinstance(data, bytes | bytearray) else data
+    return '"heartbeat":' in text and '"service":' not in text
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +163,11 @@ class Announcement:
         """The Redis channel this announcement belongs on."""
         return channel_for(self.org_id, self.service, self.key)
 
+    @property
+    def sharded_channel(self) -> str:
+        """The org's sharded channel (Redis Cluster), which carries every entry of the org."""
+        return sharded_channel(self.org_id)
+
 
 class InvalidMessage(ValueError):
     """A Redis message that is not a well-formed announcement."""
@@ -186,6 +219,6 @@ def parse_announcement(channel: str | bytes | None, data: str | bytes) -> Announ
         revision=numbers["revision"],
         ts=float(ts),
     )
-    if channel is not None and channel != ann.channel:
+    if channel is not None and channel not in (ann.channel, ann.sharded_channel):
         raise InvalidMessage("channel does not match the message fields")
     return ann

@@ -5,11 +5,21 @@ committed change is announced even if its writer crashed right after COMMIT.
 After each (re)connect the relay re-announces every org's latest change, so
 agents catch up at once instead of at their next reconcile. Several relays may
 run at once (at-least-once delivery; agents de-duplicate by version).
+
+The relay proves its LISTEN works end to end before it calls itself ready, and
+keeps proving it: every PROOF_INTERVAL it sends a NOTIFY of its own from a second
+connection and must hear it back within PROOF_TIMEOUT. Behind a transaction
+pooler (PgBouncer) LISTEN silently hears nothing; the proof fails, `/readyz`
+says 503 and one line says why. Each proof that succeeds is followed by a
+heartbeat to every org on Redis (no value), so agents can tell "quiet" from "deaf".
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,9 +29,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.db.connect import connect, describe
-from agent.errors import SourceError
+from agent.errors import SourceError, UsageError
 from agent.model import Announcement, InvalidMessage, parse_announcement
-from agent.redis_client import RedisPublisher
+from agent.redis_client import RedisPublisher, publish_forms
 from agent.settings import Settings
 from agent.sources.backoff import Backoff
 
@@ -35,9 +45,27 @@ SELECT h.org_id, h.service, h.key, h.version, h.revision,
   JOIN LATERAL (SELECT * FROM config_history h
                  WHERE h.org_id = o.org_id ORDER BY h.revision DESC LIMIT 1) h ON true
 """
+ORGS = "SELECT org_id FROM config_orgs ORDER BY org_id"
+PROBE = "SELECT pg_notify($1, $2)"
 # Seconds between liveness checks of the idle LISTEN connection.
 KEEPALIVE = 10.0
 QUEUE_SIZE = 100_000
+# The LISTEN proof: how often when heartbeats are off, and how long our own NOTIFY may take.
+PROOF_INTERVAL = 5.0
+PROOF_TIMEOUT = 2.0
+# Consecutive failed proofs before the LISTEN connection is made again.
+PROOF_FAILURES_BEFORE_RECONNECT = 3
+NOT_HEARD = ("LISTEN did not hear the relay's own NOTIFY within {timeout:.0f}s: LISTEN needs a direct "
+             "(session) connection to PostgreSQL, not a transaction pooler such as PgBouncer "
+             "(CONFIG_AGENT_DATABASE_URL of the relay); not ready")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """"The relay is alive" for one org's agents: no entry, no value."""
+
+    org_id: str
+    ts: float
 
 
 @dataclass
@@ -47,6 +75,8 @@ class RelayState:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     pg_connected: bool = False
     redis_connected: bool = False
+    # True while the latest LISTEN proof (our own NOTIFY heard back) succeeded.
+    listen_proven: bool = False
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -56,11 +86,24 @@ class RelayState:
         self.pg_gauge = Gauge("config_relay_db_connected", "1 while LISTENing.", registry=r)
         self.redis_gauge = Gauge("config_relay_redis_connected", "1 while Redis accepts publishes.",
                                  registry=r)
+        self.listen_gauge = Gauge(
+            "config_relay_listen_proven",
+            "1 while the relay hears its own NOTIFY back (LISTEN works end to end).", registry=r)
+        self.heartbeats = Counter("config_relay_heartbeats", "Heartbeats published (one per org).",
+                                  registry=r)
+        self.proof_seconds = Gauge("config_relay_listen_proof_seconds",
+                                   "Time from the relay's own NOTIFY to hearing it (last proof).",
+                                   registry=r)
 
     @property
     def ready(self) -> bool:
-        """Both ends connected."""
-        return self.pg_connected and self.redis_connected
+        """Both ends connected and LISTEN proven to hear."""
+        return self.pg_connected and self.redis_connected and self.listen_proven
+
+    def set_listen_proven(self, proven: bool) -> None:
+        """Record the outcome of the latest LISTEN proof."""
+        self.listen_proven = proven
+        self.listen_gauge.set(int(proven))
 
     def set_pg(self, up: bool) -> None:
         """Record the LISTEN connection state."""
@@ -78,15 +121,25 @@ class Relay:
 
     def __init__(self, settings: Settings, state: RelayState | None = None) -> None:
         settings.require("database_url", "redis_url")
+        if settings.database_pool_mode == "transaction":
+            raise UsageError("the relay LISTENs and needs a direct (session) connection to PostgreSQL: "
+                             "unset CONFIG_AGENT_DATABASE_POOL_MODE=transaction for the relay "
+                             "(agents and the CLI may use the pooler)")
         self.settings = settings
         self.state = state or RelayState()
         self.publisher = RedisPublisher(settings.redis_url or "",
                                         password_file=settings.redis_password_file,
-                                        ca_file=settings.redis_ca_file)
-        self._send: MemoryObjectSendStream[Announcement]
-        self._receive: MemoryObjectReceiveStream[Announcement]
-        self._send, self._receive = anyio.create_memory_object_stream[Announcement](QUEUE_SIZE)
+                                        ca_file=settings.redis_ca_file,
+                                        forms=publish_forms(settings.redis_url or "", settings.redis_channels))
+        self._send: MemoryObjectSendStream[Announcement | Heartbeat]
+        self._receive: MemoryObjectReceiveStream[Announcement | Heartbeat]
+        self._send, self._receive = anyio.create_memory_object_stream[Announcement | Heartbeat](QUEUE_SIZE)
         self._reannounce = anyio.Event()
+        # Our own probe notifications: "<relay id>:<sequence>"; the listener sets the event.
+        self._probe_prefix = f"{secrets.token_hex(6)}:"
+        self._probe_heard: dict[str, anyio.Event] = {}
+        self.heartbeat_interval = settings.heartbeat_interval
+        self._warned_unheard = False  # one error line per episode of failed proofs
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; `started` once LISTENing."""
@@ -96,6 +149,11 @@ class Relay:
             task_status.started()
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if payload.startswith('{"relay_probe":'):
+            probe = _probe_id(payload)
+            if probe is not None and probe in self._probe_heard:
+                self._probe_heard[probe].set()
+            return  # another relay's probe: not an announcement
         try:
             # No Redis channel yet: the relay derives it from the validated fields.
             ann = parse_announcement(None, payload)
@@ -115,10 +173,11 @@ class Relay:
         started = False
         while True:
             conn: asyncpg.Connection | None = None
+            prober: asyncpg.Connection | None = None
             try:
-                conn = await connect(self.settings.database_url or "",
-                                     password_file=self.settings.database_password_file,
-                                     application_name="config-agent-relay")
+                conn = await self._connect("config-agent-relay")
+                # The probe comes from another session, as every real change does.
+                prober = await self._connect("config-agent-relay-probe")
                 lost = anyio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -129,20 +188,11 @@ class Relay:
                 if not started:
                     started = True
                     task_status.started()
-                last_check = anyio.current_time()
-                while not lost.is_set():
-                    with anyio.move_on_after(1.0):
-                        await lost.wait()
-                    if self._reannounce.is_set():
-                        self._reannounce = anyio.Event()
-                        await self._announce_latest(conn)
-                    if anyio.current_time() - last_check >= KEEPALIVE:
-                        await conn.fetchval("SELECT 1", timeout=5)
-                        last_check = anyio.current_time()
-                raise SourceError("LISTEN connection lost")
+                await self._serve_connection(conn, prober, lost)
             except (SourceError, asyncpg.PostgresError, OSError, TimeoutError,
                     asyncpg.InterfaceError) as exc:
                 self.state.set_pg(False)
+                self.state.set_listen_proven(False)
                 delay = backoff.next()
                 log.warning("PostgreSQL: %s; reconnecting in %.1fs",
                             exc if isinstance(exc, SourceError) else describe(exc), delay)
@@ -151,8 +201,74 @@ class Relay:
                     task_status.started()
                 await anyio.sleep(delay)
             finally:
-                if conn is not None:
-                    conn.terminate()
+                for c in (conn, prober):
+                    if c is not None:
+                        c.terminate()
+
+    async def _connect(self, application_name: str) -> asyncpg.Connection:
+        return await connect(self.settings.database_url or "",
+                             password_file=self.settings.database_password_file,
+                             application_name=application_name)
+
+    async def _serve_connection(self, conn: asyncpg.Connection, prober: asyncpg.Connection,
+                                lost: anyio.Event) -> None:
+        """Until the connection is lost: re-announce on demand, keep alive, prove LISTEN."""
+        proof_every = self.heartbeat_interval or PROOF_INTERVAL
+        next_proof = anyio.current_time()
+        last_check = anyio.current_time()
+        failures = 0
+        while not lost.is_set():
+            if anyio.current_time() >= next_proof:
+                next_proof = anyio.current_time() + proof_every
+                if await self._prove(prober):
+                    failures = 0
+                    await self._queue_heartbeats(prober)
+                else:
+                    failures += 1
+                    if failures >= PROOF_FAILURES_BEFORE_RECONNECT:
+                        raise SourceError("LISTEN heard none of our own NOTIFYs; making the connection again")
+            with anyio.move_on_after(max(0.0, min(1.0, next_proof - anyio.current_time()))):
+                await lost.wait()
+            if self._reannounce.is_set():
+                self._reannounce = anyio.Event()
+                await self._announce_latest(conn)
+            if anyio.current_time() - last_check >= KEEPALIVE:
+                await conn.fetchval("SELECT 1", timeout=5)
+                last_check = anyio.current_time()
+        raise SourceError("LISTEN connection lost")
+
+    async def _prove(self, prober: asyncpg.Connection) -> bool:
+        """Send our own NOTIFY from the other connection; True if LISTEN hears it in time."""
+        probe = f"{self._probe_prefix}{time.monotonic_ns()}"
+        heard = self._probe_heard[probe] = anyio.Event()
+        sent = time.monotonic()
+        try:
+            await prober.fetchval(PROBE, NOTIFY_CHANNEL, json.dumps({"relay_probe": probe}), timeout=5)
+            with anyio.move_on_after(PROOF_TIMEOUT):
+                await heard.wait()
+        finally:
+            del self._probe_heard[probe]
+        if heard.is_set():
+            self.state.proof_seconds.set(time.monotonic() - sent)
+            if not self.state.listen_proven:
+                log.info("LISTEN proven: heard our own NOTIFY in %.1f ms", (time.monotonic() - sent) * 1000)
+            self._warned_unheard = False
+        elif not self._warned_unheard:
+            log.error(NOT_HEARD.format(timeout=PROOF_TIMEOUT))
+            self._warned_unheard = True
+        self.state.set_listen_proven(heard.is_set())
+        return heard.is_set()
+
+    async def _queue_heartbeats(self, prober: asyncpg.Connection) -> None:
+        """One heartbeat per org that has entries (agents of an empty org expect none)."""
+        if not self.heartbeat_interval:
+            return
+        now = time.time()
+        for row in await prober.fetch(ORGS, timeout=10):
+            try:
+                self._send.send_nowait(Heartbeat(row["org_id"], now))
+            except anyio.WouldBlock:
+                return  # the queue is full of announcements; the next round sends them
 
     async def _announce_latest(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(LATEST_PER_ORG, timeout=30)
@@ -168,7 +284,7 @@ class Relay:
     async def _publish_loop(self) -> None:
         backoff = Backoff(initial=0.2, cap=30.0)
         failed = False
-        pending: Announcement | None = None
+        pending: Announcement | Heartbeat | None = None
         while True:
             if pending is None:
                 with anyio.move_on_after(KEEPALIVE if self.state.redis_connected else 1.0):
@@ -176,6 +292,10 @@ class Relay:
             try:
                 if pending is None:
                     await self.publisher.ping()
+                elif isinstance(pending, Heartbeat):
+                    await self.publisher.publish_heartbeat(pending.org_id, pending.ts)
+                    self.state.heartbeats.inc()
+                    pending = None
                 else:
                     await self.publisher.publish_or_raise(pending)
                     self.state.published.inc()
@@ -211,3 +331,13 @@ async def run_relay(settings: Settings) -> int:
         await tg.start(relay.run)
     await relay.publisher.close()
     return 0
+
+
+def _probe_id(payload: str) -> str | None:
+    """The id inside a relay probe notification, or None if it is not one."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    probe = doc.get("relay_probe") if isinstance(doc, dict) else None
+    return probe if isinstance(probe, str) else None

@@ -54,8 +54,19 @@ class Settings(BaseSettings):
     database_read_url: str | None = None
     # Password read from a file (a mounted Secret); re-read before every new connection.
     database_password_file: Path | None = None
-    # redis:// or rediss://
+    # `transaction` behind a transaction-pooling PgBouncer (or any pooler that may hand each
+    # transaction another server connection): no named prepared statements, every query in
+    # its own transaction. `session` for a direct connection or session pooling.
+    database_pool_mode: Literal["session", "transaction"] = "session"
+    # redis://, rediss://, redis+sentinel://…/service, redis+cluster://seed,seed (README "Scaling out")
     redis_url: str | None = None
+    # Announcement channels: classic (config:{org}:{service}:{key}, PSUBSCRIBE), sharded (one
+    # config:{{org}} channel per org, SSUBSCRIBE; the default for a cluster URL), or both
+    # (publishers only: during a migration to a cluster). auto = sharded for a cluster URL.
+    redis_channels: Literal["auto", "classic", "sharded", "both"] = "auto"
+    # The relay publishes a heartbeat per org this often; an agent that hears nothing for
+    # 3 × this long resubscribes and replays (0 = off, e.g. when no relay runs).
+    heartbeat_interval: float = Field(default=5.0, ge=0)
     # Redis password read from a file, re-read before every new connection.
     redis_password_file: Path | None = None
     # CA bundle that signs the Redis server certificate (rediss://).
@@ -85,6 +96,12 @@ class Settings(BaseSettings):
     # A change reconcile found counts as drift only if pub/sub has not delivered it
     # this many seconds later (a busy agent may still be reading its announcement).
     drift_grace: float = Field(default=5.0, ge=0)
+    # How long an announced version that the read database does not show yet (a replica
+    # behind) is chased with backoff before reconcile is left to find it.
+    lag_chase_timeout: float = Field(default=15.0, ge=0)
+    # A fetch after an announcement waits a random 0..fetch_jitter seconds, so that a
+    # fleet does not hit PostgreSQL with every pod's query in the same millisecond.
+    fetch_jitter: float = Field(default=0.02, ge=0, le=60)
     # Revision polling while Redis is down.
     fallback_poll_interval: Seconds = 5.0
     # No successful sync for this long → stale.
@@ -127,8 +144,13 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis:// or rediss://")
+        if value is not None:
+            from agent.redis_client import parse_redis_url
+
+            try:
+                parse_redis_url(value)
+            except UsageError as exc:
+                raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("database_url", "database_read_url")

@@ -42,6 +42,10 @@ class SyncStatus:
         """Count one Redis message by result (applied|duplicate|invalid|foreign)."""
         self.metrics.messages_by_result[result].inc()
 
+    def count_deaf(self) -> None:
+        """Count one deaf subscription made again."""
+        self.metrics.redis_deaf.inc()
+
     def count_drift(self, changes: int) -> None:
         """Count changes that reconcile found but pub/sub had not delivered."""
         self.metrics.drift.inc(changes)
@@ -68,4 +72,5 @@ class SyncStatus:
             "messages": self._counts("config_agent_messages_total", "result", RESULTS),
             "updates": self._counts("config_agent_updates_total", "source", SOURCES),
             "drift": int(self.metrics.registry.get_sample_value("config_agent_drift_total") or 0),
+            "redis_deaf": int(self.metrics.registry.get_sample_value("config_agent_redis_deaf_total") or 0),
         }

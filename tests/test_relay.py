@@ -38,6 +38,7 @@ class Subscriber:
         self.pubsub = self.client.pubsub()
         self.org = org
         self.messages: list[tuple[bytes, dict[str, Any]]] = []
+        self.heartbeats: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Subscriber:
         await self.pubsub.psubscribe(f"config:{self.org}:*")
@@ -53,7 +54,11 @@ class Subscriber:
             while not until():
                 msg = await self.pubsub.get_message(timeout=0.1)
                 if msg and msg["type"] == "pmessage":
-                    self.messages.append((msg["channel"], json.loads(msg["data"])))
+                    doc = json.loads(msg["data"])
+                    if "heartbeat" in doc:
+                        self.heartbeats.append(doc)
+                    else:
+                        self.messages.append((msg["channel"], doc))
 
 
 async def test_plain_sql_update_reaches_redis_through_the_relay(db: asyncpg.Connection, db_url: str,

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from agent.errors import DatabaseError, SourceError
+from agent.errors import DatabaseBusyError, DatabaseError, SourceError
 
 # Errors that mean "the server or the network failed", as opposed to a bad query.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -20,6 +20,37 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidPasswordError,
     TimeoutError,
 )
+
+
+class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection safe behind a transaction pooler (PgBouncer `pool_mode = transaction`).
+
+    asyncpg sends a query as Parse/Describe/Sync then Bind/Execute/Sync; between the two
+    a transaction pooler may hand the client another server connection. So every query
+    with parameters runs inside a transaction (the pooler keeps one server for it), and
+    the statement cache is off (no named prepared statements: another client would hit
+    them on the same server). Queries already inside a transaction run as they are.
+    """
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._pinned(super().fetch, query, *args, **kwargs)
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._pinned(super().fetchrow, query, *args, **kwargs)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._pinned(super().fetchval, query, *args, **kwargs)
+
+    async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if not args:  # the simple-query protocol: one message, nothing to pin
+            return await super().execute(query, **kwargs)
+        return await self._pinned(super().execute, query, *args, **kwargs)
+
+    async def _pinned(self, call: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        if self.is_in_transaction():
+            return await call(query, *args, **kwargs)
+        async with self.transaction():
+            return await call(query, *args, **kwargs)
 
 
 def read_secret(path: Path | None) -> str | None:
@@ -38,9 +69,12 @@ async def connect(
     password_file: Path | None = None,
     connect_timeout: float = 10.0,
     application_name: str = "config-agent",
+    pool_mode: str = "session",
     **kwargs: Any,
 ) -> asyncpg.Connection:
     """Open one connection; the password file is read anew each time (rotation).
+
+    `pool_mode="transaction"` makes it safe behind a transaction pooler (PooledConnection).
 
     `application_name` tells operators in pg_stat_activity which part holds it:
     config-agent (an agent), config-agent-relay, config-agent-writer.
@@ -50,9 +84,14 @@ async def connect(
                                "server_settings": {"application_name": application_name}}
     if password is not None:
         options["password"] = password
+    if pool_mode == "transaction":
+        options["statement_cache_size"] = 0
+        options["connection_class"] = PooledConnection
     options.update(kwargs)
     try:
         return await asyncpg.connect(url, **options)
+    except asyncpg.TooManyConnectionsError as exc:
+        raise DatabaseBusyError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
     except CONNECTION_ERRORS as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
     except asyncpg.PostgresError as exc:
@@ -62,4 +101,8 @@ async def connect(
 def describe(exc: BaseException) -> str:
     """A one-line description of a library error, never including a password."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if isinstance(exc, asyncpg.DuplicatePreparedStatementError | asyncpg.InvalidSQLStatementNameError):
+        # The signature of a transaction pooler in front of the server.
+        line += " (behind a transaction pooler such as PgBouncer? set CONFIG_AGENT_DATABASE_POOL_MODE=transaction)"
+    return line

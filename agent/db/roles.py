@@ -8,7 +8,7 @@ import asyncpg
 
 from agent.db.connect import describe
 from agent.errors import DatabaseError, UsageError
-from agent.model import check_name, org_pattern
+from agent.model import check_name, org_pattern, sharded_channel
 
 ROLE_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
 GRANT_READER = "SELECT config_agent_grant_reader($1, $2, $3)"
@@ -27,14 +27,24 @@ async def grant_reader(conn: asyncpg.Connection, org_id: str, role: str, passwor
         raise DatabaseError(f"cannot grant reader role: {describe(exc)}") from exc
 
 
-def redis_acl_command(org_id: str, user: str, password: str | None) -> list[str]:
-    """The `ACL SETUSER` arguments for a tenant agent: (P)SUBSCRIBE config:{org}:* and PING."""
+def redis_acl_command(org_id: str, user: str, password: str | None, *, sharded: bool = False,
+                      cluster: bool = False) -> list[str]:
+    """The `ACL SETUSER` arguments for a tenant agent, allowing exactly what it sends.
+
+    Classic channels: (P)SUBSCRIBE `config:{org}:*` (entries and the relay's heartbeat).
+    Sharded: SSUBSCRIBE `config:{org}`. A cluster client also asks for the topology
+    (CLUSTER SLOTS) and the command table (COMMAND), neither of which reveals data.
+    Always PING (health checks).
+    """
     check_name("org", org_id)
     if not ROLE_RE.match(user):
         raise UsageError(f"invalid Redis user {user!r}: must match {ROLE_RE.pattern}")
     secret = f">{password}" if password else "nopass"
-    return [
-        "ACL", "SETUSER", user, "reset", "on", secret, "resetchannels",
-        f"&{org_pattern(org_id)}", "-@all", "+subscribe", "+psubscribe", "+unsubscribe",
-        "+punsubscribe", "+ping",
-    ]
+    if sharded:
+        rules = [f"&{sharded_channel(org_id)}", "-@all", "+ssubscribe", "+sunsubscribe"]
+    else:
+        rules = [f"&{org_pattern(org_id)}", "-@all", "+subscribe", "+psubscribe", "+unsubscribe",
+                 "+punsubscribe"]
+    if cluster:
+        rules += ["+cluster|slots", "+command"]
+    return ["ACL", "SETUSER", user, "reset", "on", secret, "resetchannels", *rules, "+ping"]

@@ -27,7 +27,7 @@ import asyncpg
 from agent.db.connect import connect, describe
 from agent.errors import ConflictError, DatabaseError, NotFoundError, UsageError
 from agent.model import Announcement, check_name, encode_value
-from agent.redis_client import RedisPublisher
+from agent.redis_client import RedisPublisher, publish_forms
 
 log = logging.getLogger("agent.writer")
 
@@ -121,14 +121,21 @@ class ConfigWriter:
         redis_url: str | None = None,
         redis_password_file: Path | None = None,
         redis_ca_file: Path | None = None,
+        redis_channels: str = "auto",
+        pool_mode: str = "session",
     ) -> ConfigWriter:
-        """Connect to PostgreSQL (and prepare a Redis publisher when a URL is given)."""
+        """Connect to PostgreSQL (and prepare a Redis publisher when a URL is given).
+
+        `pool_mode="transaction"` behind a transaction-pooling PgBouncer; `redis_channels`
+        as CONFIG_AGENT_REDIS_CHANNELS (auto, classic, sharded, both).
+        """
         conn = await connect(database_url, password_file=password_file,
-                             application_name="config-agent-writer")
+                             application_name="config-agent-writer", pool_mode=pool_mode)
         publisher = None
         if redis_url:
             publisher = RedisPublisher(
-                redis_url, password_file=redis_password_file, ca_file=redis_ca_file
+                redis_url, password_file=redis_password_file, ca_file=redis_ca_file,
+                forms=publish_forms(redis_url, redis_channels),
             )
         return cls(conn, publisher)
 

@@ -16,7 +16,7 @@ import anyio
 import asyncpg
 
 from agent.db.connect import CONNECTION_ERRORS, connect, describe
-from agent.errors import DatabaseError
+from agent.errors import DatabaseBusyError, DatabaseError
 from agent.model import Change
 
 # Entries live now (deleted ones are not served), plus the org revision.
@@ -42,6 +42,9 @@ SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
          LIMIT $4) h ON true
 """
 DELTA_PAGE = 5000
+# After PostgreSQL refused a connection (too many clients), close the connection after
+# every read for this long, so that a crowded server gets its slots back at once.
+CROWDED_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +91,21 @@ class PgSource:
         *,
         password_file: Path | None = None,
         page: int = DELTA_PAGE,
+        pool_mode: str = "session",
     ) -> None:
         self._url = url
         self._org_id = org_id
         self._services = list(services) or None
         self._password_file = password_file
         self._page = page
+        self._pool_mode = pool_mode
         self._conn: asyncpg.Connection | None = None
         # One connection, one query at a time (start-up catch-up may overlap the fetcher).
         self._lock = anyio.Lock()
         self.queries = 0  # for tests and benchmarks: queries sent
         self.connects = 0  # for tests and benchmarks: connections opened
         self.last_used = time.monotonic()
+        self._crowded_until = 0.0
 
     async def warm_load(self) -> Fetched:
         """Every live entry of the org (filtered by service) and the org revision."""
@@ -145,12 +151,21 @@ class PgSource:
     async def _fetch_locked(self, sql: str, *args: object) -> list[asyncpg.Record]:
         if self._conn is None or self._conn.is_closed():
             # TLS comes from the URL (sslmode=verify-full&sslrootcert=…).
-            self._conn = await connect(self._url, password_file=self._password_file)
+            try:
+                self._conn = await connect(self._url, password_file=self._password_file,
+                                           pool_mode=self._pool_mode)
+            except DatabaseBusyError:
+                # The server is full: for a while, give each slot back right after use.
+                self._crowded_until = time.monotonic() + CROWDED_SECONDS
+                raise
             self.connects += 1
         self.queries += 1
         self.last_used = time.monotonic()
         try:
-            return list(await self._conn.fetch(sql, *args, timeout=30))
+            rows = list(await self._conn.fetch(sql, *args, timeout=30))
+            if self._crowded_until > self.last_used:
+                await self.close()
+            return rows
         except CONNECTION_ERRORS as exc:
             await self.close()
             raise DatabaseError(f"PostgreSQL read failed: {describe(exc)}") from exc

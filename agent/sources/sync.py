@@ -1,20 +1,26 @@
 """The sync engine of SPEC §3: announcements → coalesced delta fetches → store.apply().
 
-One fetch in flight at a time, at most one more queued; periodic reconcile with
-jitter (what it finds counts as drift unless pub/sub delivers it within
-`drift_grace`); revision polling while Redis is down; retries with backoff while
-PostgreSQL is down; staleness after `stale_after` without a successful sync.
+One fetch in flight at a time, at most one more queued; a fetch after an
+announcement waits a random 0..`fetch_jitter` (a fleet spreads its queries); an
+announced version the read database does not show yet (a replica behind) is
+chased with backoff for `lag_chase_timeout` without holding up newer
+announcements; periodic reconcile with jitter (what it finds counts as drift only
+if it was never announced, not even within `drift_grace`); revision polling while
+Redis is down or deaf; retries with backoff while PostgreSQL is down (short,
+jittered ones when it refuses connections: too many clients); staleness after
+`stale_after` without a successful sync.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 
 import anyio
 
-from agent.errors import SourceError
+from agent.errors import DatabaseBusyError, SourceError
 from agent.model import InvalidMessage, parse_announcement
 from agent.sources.backoff import Backoff, jittered
 from agent.sources.postgres import Fetched, PgSource
@@ -23,9 +29,11 @@ from agent.store import Store
 
 log = logging.getLogger("agent.sync")
 
-# Delays before re-reading when the database shows an older version than announced
-# (a replica behind, or a publish that overtook the commit); then reconcile owns it.
-LAG_RETRIES = (0.005, 0.02, 0.1, 0.25)
+# Re-reads while the database shows an older version than announced (a replica
+# behind, or a publish that overtook the commit): 5 ms doubling to at most 0.5 s, so
+# seconds of replica lag cost a few queries and add at most ~0.5 s.
+LAG_CHASE_FIRST = 0.005
+LAG_CHASE_CAP = 0.5
 # Source precedence when several requests coalesce into one fetch.
 _RANK = {"reconcile": 0, "poll": 1, "pubsub": 2}
 
@@ -48,6 +56,8 @@ class Syncer:
         clock: Callable[[], float] = time.time,
         db_backoff: Backoff | None = None,
         drift_grace: float = 5.0,
+        lag_chase_timeout: float = 15.0,
+        fetch_jitter: float = 0.0,
     ) -> None:
         self.store = store
         self.status = status
@@ -60,10 +70,20 @@ class Syncer:
         self.db_idle_timeout = db_idle_timeout
         self._clock = clock
         self._db_backoff = db_backoff or Backoff(initial=0.5, cap=30.0)
+        # PostgreSQL refusing connections (too many clients): retry soon, spread widely.
+        self._busy_backoff = Backoff(initial=0.05, cap=2.0, jitter=0.5)
+        self.lag_chase_timeout = lag_chase_timeout
+        self.fetch_jitter = fetch_jitter
         self._wanted = anyio.Event()
         self._wanted_source: str | None = None
-        # (service, key) → highest announced version not yet applied.
+        self._jitter_due = False
+        # (service, key) → highest announced version not yet applied, and until when to chase it.
         self._pending: dict[tuple[str, str], int] = {}
+        self._chase_until: dict[tuple[str, str], float] = {}
+        self._lagging = anyio.Event()
+        self._chase_backoff = Backoff(initial=LAG_CHASE_FIRST, cap=LAG_CHASE_CAP, jitter=0.2)
+        # (service, key) → highest version ever announced: what reconcile finds beyond it is drift.
+        self._heard: dict[tuple[str, str], int] = {}
         self._redis_down = anyio.Event()
         self._redis_up = anyio.Event()
         self.drift_grace = drift_grace
@@ -92,7 +112,7 @@ class Syncer:
                 return
             except SourceError as exc:
                 self.status.set_db(False, str(exc))
-                delay = self._db_backoff.next()
+                delay = self._retry_delay(exc)
                 log.warning("cannot load from PostgreSQL (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
 
@@ -109,6 +129,8 @@ class Syncer:
             self.status.count_message("foreign")
             return
         ident = (ann.service, ann.key)
+        if ann.version > self._heard.get(ident, 0):
+            self._heard[ident] = ann.version
         if self._suspects:
             self._suspects.pop((ann.service, ann.key, ann.version), None)  # late, not lost
         if ann.version <= self.store.version_of(*ident) or ann.revision <= self.store.snapshot.revision:
@@ -118,18 +140,35 @@ class Syncer:
             self.status.count_message("duplicate")
             return
         self._pending[ident] = ann.version
+        self._chase_until[ident] = time.monotonic() + self.lag_chase_timeout
         self.status.count_message("applied")
+        self._jitter_due = True
         self.request("pubsub")
 
-    def on_redis_connected(self) -> None:
-        """Subscribed (again): replay whatever was missed while down."""
+    def on_redis_connected(self, hearing: bool = True) -> None:
+        """Subscribed (again): replay whatever was missed while down or deaf.
+
+        `hearing` is False after a deaf spell: `redis_connected` waits for a message.
+        """
         was_down = self._redis_down.is_set()
-        self.status.set_redis(True)
+        self.status.set_redis(hearing)
         self._redis_down = anyio.Event()
         self._redis_up.set()
         if was_down:
             log.info("Redis subscription restored; fetching missed changes")
             self.request("poll")
+
+    def on_redis_heard(self, heartbeat: bool = False) -> None:
+        """A message (change or heartbeat) arrived: the subscription demonstrably works."""
+        if heartbeat:
+            self.status.count_message("heartbeat")
+        if not self.status.redis_connected:
+            self.status.set_redis(True)
+
+    def on_redis_deaf(self, reason: str) -> None:
+        """Nothing heard for too long: count it; the subscription is being made again."""
+        self.status.count_deaf()
+        self.on_redis_disconnected(f"deaf: {reason}")
 
     def on_redis_disconnected(self, reason: str) -> None:
         """Lost Redis: keep serving; the fallback poll takes over."""
@@ -152,16 +191,27 @@ class Syncer:
             await self._wanted.wait()
             self._wanted = anyio.Event()
             source, self._wanted_source = self._wanted_source or "reconcile", None
+            if self._jitter_due and self.fetch_jitter > 0:
+                # Spread a fleet's fetches of one announcement over a few milliseconds.
+                self._jitter_due = False
+                await anyio.sleep(random.uniform(0, self.fetch_jitter))
             try:
                 await self._fetch_all(source)
-                await self._chase_lag(source)
+                self._after_fetch()
                 self._db_backoff.reset()
+                self._busy_backoff.reset()
             except SourceError as exc:
                 self.status.set_db(False, str(exc))
                 self.request(source)
-                delay = self._db_backoff.next()
+                delay = self._retry_delay(exc)
                 log.warning("PostgreSQL read failed (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
+
+    def _retry_delay(self, exc: SourceError) -> float:
+        """Soon and widely spread when the server is full, else the normal backoff."""
+        if isinstance(exc, DatabaseBusyError):
+            return self._busy_backoff.next()
+        return self._db_backoff.next()
 
     async def _fetch_all(self, source: str) -> None:
         while True:
@@ -174,8 +224,10 @@ class Syncer:
         self.status.set_db(True)
         unannounced: set[tuple[str, str, int]] = set()
         if source == "reconcile":
+            # Drift is a change pub/sub never announced; one announced but not visible
+            # in time (a lagging replica) was delivered, just not readable yet.
             unannounced = {(c.service, c.key, c.version) for c in fetched.changes
-                           if c.version > self._pending.get((c.service, c.key), 0)}
+                           if c.version > self._heard.get((c.service, c.key), 0)}
         applied = self.store.apply(fetched.changes, revision=fetched.revision, source=source)
         if source == "reconcile" and applied.changes:
             due = time.monotonic() + self.drift_grace
@@ -188,24 +240,40 @@ class Syncer:
             ident = (change.service, change.key)
             if self._pending.get(ident, 0) <= change.version:
                 self._pending.pop(ident, None)
+                self._chase_until.pop(ident, None)
 
-    async def _chase_lag(self, source: str) -> None:
-        """Re-read briefly while an announced version is not visible yet; never go back."""
-        for delay in LAG_RETRIES:
-            if not self._outstanding():
-                return
-            await anyio.sleep(delay)
-            await self._fetch_all(source)
-        if self._outstanding():
-            log.info("%d announced change(s) not visible yet; reconcile will pick them up",
-                     len(self._pending))
-            self._pending.clear()
-
-    def _outstanding(self) -> bool:
+    def _after_fetch(self) -> None:
+        """Announced versions still not visible: chase them (until their deadline)."""
+        now = time.monotonic()
+        expired = 0
         for ident, version in list(self._pending.items()):
             if self.store.version_of(*ident) >= version:
                 del self._pending[ident]
-        return bool(self._pending)
+                self._chase_until.pop(ident, None)
+            elif self._chase_until.get(ident, 0) <= now:
+                del self._pending[ident]
+                self._chase_until.pop(ident, None)
+                expired += 1
+        if expired:
+            log.warning("%d announced change(s) still not visible after %.0fs (read database behind?); "
+                        "reconcile will pick them up", expired, self.lag_chase_timeout)
+        if self._pending:
+            self._lagging.set()
+        else:
+            self._chase_backoff.reset()
+
+    async def run_lag_chaser(self) -> None:
+        """Re-read with backoff while announced versions are not visible; newer ones go first.
+
+        The chase only *requests* fetches, so an announcement arriving meanwhile is
+        fetched at once instead of waiting behind a sleeping retry.
+        """
+        while True:
+            await self._lagging.wait()
+            self._lagging = anyio.Event()
+            await anyio.sleep(self._chase_backoff.next())
+            if self._pending:
+                self.request("pubsub")
 
     # -- timers ----------------------------------------------------------------
 
