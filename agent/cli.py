@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 
 from agent import __version__
-from agent.errors import ConfigAgentError
+from agent.errors import ConfigAgentError, DatabaseError, RedisError
 from agent.logs import configure_logging
 from agent.settings import Settings, load_settings
 
 T = TypeVar("T")
+
+# Settings that hold paths: an OSError about one of them (or a path inside it) names it.
+PATH_SETTINGS = ("output_dir", "state_dir", "socket_path", "signal_pidfile",
+                 "database_password_file", "redis_password_file", "redis_ca_file")
 
 # Flags shared by the commands that talk to PostgreSQL/Redis; each overrides CONFIG_AGENT_<NAME>.
 CONNECTION_FLAGS = (
@@ -192,15 +198,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `config-agent` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    settings: Settings | None = None
     try:
         settings = settings_from_args(args)
         configure_logging(settings.log_format, settings.log_level)
         from agent.commands import dispatch
 
         return dispatch(args, settings)
-    except ConfigAgentError as exc:
-        print(f"config-agent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        failure = describe_failure(exc, settings, args.command)
+        if failure is None:
+            raise  # not one of ours: a bug, whose traceback is worth seeing
+        line, code = failure
+        if line:
+            print(f"config-agent: error: {line}", file=sys.stderr)
+        return code
+
+
+def describe_failure(exc: BaseException, settings: Settings | None,
+                     command: str) -> tuple[str | None, int] | None:
+    """The one line and exit code `main` reports for `exc`; None if it is not ours to report.
+
+    anyio task groups deliver what a component raised wrapped in (nested) exception
+    groups. When every exception inside is one of ours (ConfigAgentError), an OSError
+    about a file, or Ctrl-C, the first of ours is reported as one line naming its
+    setting, with its exit code; anything else is a bug and keeps its traceback.
+    """
+    leaves = list(_leaves(exc))
+    if not all(isinstance(leaf, ConfigAgentError | KeyboardInterrupt)
+               or (isinstance(leaf, OSError) and isinstance(leaf.filename, str | bytes))
+               for leaf in leaves):
+        return None
+    ours = [leaf for leaf in leaves if isinstance(leaf, ConfigAgentError)]
+    if ours:
+        return _naming_setting(ours[0], settings, command), ours[0].exit_code
+    errors = [leaf for leaf in leaves if isinstance(leaf, OSError)]
+    if errors:
+        return _naming_path(errors[0], settings), 1
+    return None, 130  # Ctrl-C
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _naming_setting(exc: ConfigAgentError, settings: Settings | None, command: str) -> str:
+    """The error's line, naming the setting: of the path it is about (first mention), or
+    of the PostgreSQL or Redis that failed."""
+    text = str(exc)
+    if settings is None or "CONFIG_AGENT_" in text:
+        return text
+    for name in PATH_SETTINGS:
+        value = getattr(settings, name)
+        if value is not None:
+            # The path itself, not a longer path that starts with it.
+            mention = re.search(re.escape(str(value)) + r"(?![\w/.-])", text)
+            if mention:
+                end = mention.end()
+                return f"{text[:end]} (CONFIG_AGENT_{name.upper()}){text[end:]}"
+    if isinstance(exc, DatabaseError):
+        reads = command in ("run", "once") and settings.database_read_url
+        return f"{text} (CONFIG_AGENT_{'DATABASE_READ_URL' if reads else 'DATABASE_URL'})"
+    if isinstance(exc, RedisError):
+        return f"{text} (CONFIG_AGENT_REDIS_URL)"
+    return text
+
+
+def _naming_path(exc: OSError, settings: Settings | None) -> str:
+    """`cannot use PATH (CONFIG_AGENT_SETTING): reason` for an OSError about a file."""
+    path = Path(os.fsdecode(exc.filename))
+    reason = exc.strerror or str(exc)
+    reason = reason[:1].lower() + reason[1:]
+    for name in PATH_SETTINGS if settings is not None else ():
+        value = getattr(settings, name)
+        if value is not None and (path.is_relative_to(value) or Path(value).is_relative_to(path)):
+            return f"cannot use {path} (CONFIG_AGENT_{name.upper()}): {reason}"
+    return f"cannot use {path}: {reason}"
 

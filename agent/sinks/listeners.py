@@ -1,13 +1,14 @@
 """Listening sockets for the API and the metrics port, bound before the servers start.
 
 We bind ourselves instead of letting uvicorn do it: a bind failure becomes one
-clear SinkError (uvicorn would `sys.exit`), the Unix socket gets its mode before
+clear SinkError naming the setting (uvicorn would `sys.exit`), the Unix socket gets its mode before
 it accepts anyone, and port 0 (tests) tells us the port actually chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -18,12 +19,22 @@ from agent.errors import SinkError
 BACKLOG = 2048
 
 
-def bind_tcp(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` resolves to (same port on all)."""
+def _reason(exc: OSError) -> str:
+    """`address already in use` rather than `[Errno 98] Address already in use`."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+def bind_tcp(host: str, port: int, setting: str) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to (same port on all).
+
+    `setting` names the port's setting in errors (e.g. CONFIG_AGENT_HTTP_PORT).
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
-        raise SinkError(f"cannot resolve listen address {host!r}: {exc}") from exc
+        host_setting = setting.removesuffix("_PORT") + "_HOST"
+        raise SinkError(f"cannot resolve listen address {host!r} ({host_setting}): {_reason(exc)}") from exc
     sockets: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:
@@ -44,8 +55,11 @@ def bind_tcp(host: str, port: int) -> list[socket.socket]:
             sock.setblocking(False)
     except OSError as exc:
         close_all(sockets)
-        raise SinkError(f"cannot listen on {host}:{port}: {exc}") from exc
+        raise SinkError(f"cannot listen on {host}:{port} ({setting}): {_reason(exc)}") from exc
     return sockets
+
+
+SOCKET_SETTING = "CONFIG_AGENT_SOCKET_PATH"
 
 
 def bind_unix(path: Path, mode: int) -> tuple[socket.socket, int]:
@@ -64,7 +78,11 @@ def bind_unix(path: Path, mode: int) -> tuple[socket.socket, int]:
         inode = path.lstat().st_ino
     except OSError as exc:
         sock.close()
-        raise SinkError(f"cannot listen on unix socket {path}: {exc}") from exc
+        if exc.errno == errno.ENOENT and not path.parent.is_dir():
+            reason = f"directory {path.parent} does not exist"
+        else:
+            reason = _reason(exc)
+        raise SinkError(f"cannot listen on unix socket {path} ({SOCKET_SETTING}): {reason}") from exc
     return sock, inode
 
 
@@ -74,16 +92,21 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise SinkError(f"cannot use unix socket path {path}: {exc}") from exc
+        raise SinkError(f"cannot use unix socket path {path} ({SOCKET_SETTING}): {_reason(exc)}") from exc
     if not stat.S_ISSOCK(info.st_mode):
-        raise SinkError(f"unix socket path {path} exists and is not a socket")
+        raise SinkError(f"cannot listen on unix socket {path} ({SOCKET_SETTING}): "
+                        "it exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(os.fspath(path))
     except OSError:
-        path.unlink(missing_ok=True)  # nobody listens: left over from a previous run
+        try:
+            path.unlink(missing_ok=True)  # nobody listens: left over from a previous run
+        except OSError as exc:
+            raise SinkError(f"cannot replace unix socket {path} ({SOCKET_SETTING}): {_reason(exc)}") from exc
     else:
-        raise SinkError(f"another process is listening on unix socket {path}")
+        raise SinkError(f"cannot listen on unix socket {path} ({SOCKET_SETTING}): "
+                        "another process is listening on it")
     finally:
         probe.close()
 

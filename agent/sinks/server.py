@@ -38,6 +38,8 @@ log = logging.getLogger("agent.server")
 GRACEFUL_SHUTDOWN_SECONDS = 3
 # Idle keep-alive connections are closed after this long.
 KEEP_ALIVE_SECONDS = 75
+HTTP_PORT = "CONFIG_AGENT_HTTP_PORT"
+METRICS_PORT = "CONFIG_AGENT_METRICS_PORT"
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class ApiServer:
         settings = self._settings
         if settings.http_allow_remote and not is_loopback(settings.http_host):
             log.warning("local API listens on %s: reachable from other hosts", settings.http_host)
-        api_sockets = bind_tcp(settings.http_host, settings.http_port)
+        api_sockets = bind_tcp(settings.http_host, settings.http_port, HTTP_PORT)
         metrics_sockets: list[socket.socket] = []
         socket_file: tuple[Path, int] | None = None
         try:
@@ -118,7 +120,7 @@ class ApiServer:
                 api_sockets.append(sock)
                 socket_file = (settings.socket_path, inode)
             if settings.metrics_port:
-                metrics_sockets = bind_tcp(settings.metrics_host, settings.metrics_port)
+                metrics_sockets = bind_tcp(settings.metrics_host, settings.metrics_port, METRICS_PORT)
         except BaseException:
             close_all(api_sockets)
             raise
@@ -171,7 +173,7 @@ async def serve_probes(
     task_status: TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve only the metrics port (/metrics, /healthz, /readyz) — for the relay."""
-    sockets = bind_tcp(host, port)
+    sockets = bind_tcp(host, port, METRICS_PORT)
     server = _EmbeddedServer(_config(ProbesApp(status, registry)))
     try:
         async with anyio.create_task_group() as tg:
