@@ -41,6 +41,12 @@ AGENT_FLAGS = (
     ("--services", "comma-separated service filter (default: all)"),
     ("--http-host", "local API address (default 127.0.0.1)"),
     ("--http-port", "local API port (default 8790)"),
+    ("--http-max-connections", "open connections to the local API, TCP and socket (default 4096)"),
+    ("--http-max-watchers", "long-polls and SSE streams open at once (default 3072)"),
+    ("--http-max-connections-per-client", "connections one client may hold: a uid on the socket, an "
+                                          "address on TCP (default 0 = no bound)"),
+    ("--http-header-timeout", "seconds a connection has to send a complete request head (default 10)"),
+    ("--http-idle-timeout", "seconds an idle keep-alive connection is kept open (default 75)"),
     ("--socket-path", "also serve the API on this Unix socket"),
     ("--socket-mode", "Unix socket mode (default 0660)"),
     ("--output-dir", "write configs.json, configs.env and {service}/{key} here"),

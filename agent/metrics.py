@@ -104,6 +104,17 @@ class Metrics:
             "config_agent_state_write_failures",
             "Failed attempts to save the last-known-good snapshot.", registry=r,
         )
+        # The local API's self-defence (agent/sinks/protocol.py): a rising count means a
+        # neighbour holds connections open or the limits are too low for the app.
+        self.http_connections = Gauge(
+            "config_agent_http_connections", "Open connections to the local API (TCP and socket).",
+            registry=r,
+        )
+        self.http_rejected = Counter(
+            "config_agent_http_rejected",
+            "Local API connections and requests turned away, by reason (header_timeout, evicted, "
+            "connection_limit, watch_limit).", ["reason"], registry=r,
+        )
 
     def on_applied(self, applied: Applied, source: str) -> None:
         """Update gauges and the propagation histogram after a store apply."""

@@ -187,8 +187,21 @@ def redis_client(
         sentinel_kwargs["ssl"] = True
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs,  # type: ignore[no-untyped-call]
                         db=target.db, **kwargs)
-    client: Redis = sentinel.master_for(target.service or "")
+    client: SentinelMaster = sentinel.master_for(target.service or "", redis_class=SentinelMaster)
+    client.sentinels_of_master = sentinel
     return client
+
+
+class SentinelMaster(Redis):
+    """The master behind Sentinel; closing it also closes the connections to the sentinels."""
+
+    sentinels_of_master: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels_of_master is not None:
+            for node in self.sentinels_of_master.sentinels:
+                await node.aclose()
 
 
 def cluster_client(
@@ -219,12 +232,7 @@ async def run_on_every_node(url: str, command: list[str], *, password_file: Path
     addresses: list[tuple[str, int]] = []
     try:
         if target.kind == "cluster":
-            cluster = cluster_client(url, password_file=password_file, ca_file=ca_file)
-            try:
-                await cluster.initialize()
-                addresses = [(n.host, int(n.port)) for n in cluster.get_nodes()]
-            finally:
-                await cluster.aclose()
+            addresses = await _cluster_nodes(target, password_file, ca_file)
         elif target.kind == "sentinel":
             sentinel = redis_client(url, password_file=password_file, ca_file=ca_file)
             try:
@@ -251,6 +259,30 @@ async def run_on_every_node(url: str, command: list[str], *, password_file: Path
     return len(addresses)
 
 
+async def _cluster_nodes(target: RedisTarget, password_file: Path | None,
+                         ca_file: Path | None) -> list[tuple[str, int]]:
+    """Every live primary and replica, as the first answering seed node lists them."""
+    last: BaseException | None = None
+    for host, port in target.nodes:
+        seed = Redis(host=host, port=port, **_connection_kwargs(target, password_file, ca_file, {}))
+        try:
+            text: Any = await seed.execute_command("CLUSTER NODES")  # type: ignore[no-untyped-call]
+        except REDIS_ERRORS as exc:
+            last = exc
+            continue
+        finally:
+            await seed.aclose()
+        # redis-py parses the reply into {"host:port": {"flags": "master,myself", …}, …}.
+        nodes = []
+        for address, info in dict(text).items():
+            flags = str(info.get("flags", "")).split(",")
+            if "fail" not in flags and "noaddr" not in flags:
+                node_host, _, node_port = str(address).split("@")[0].rpartition(":")
+                nodes.append((node_host or host, int(node_port)))
+        return nodes
+    raise last or RedisError("no seed node answered")
+
+
 class RedisPublisher:
     """Publishes announcements in the configured channel forms; works on every topology.
 
@@ -260,6 +292,7 @@ class RedisPublisher:
     def __init__(self, url: str, *, password_file: Path | None = None, ca_file: Path | None = None,
                  forms: tuple[ChannelForm, ...] | None = None):
         self._cluster = parse_redis_url(url).kind == "cluster"
+        self._stale_topology = True
         self.forms = forms or (channel_form(url),)
         self._client: Redis | RedisCluster
         if self._cluster:
@@ -270,6 +303,11 @@ class RedisPublisher:
                                         socket_timeout=2)
 
     async def _send(self, classic: str, sharded: str, payload: str) -> None:
+        if isinstance(self._client, RedisCluster) and self._stale_topology:
+            # First use, or after an error: learn which node owns which slot (again).
+            await self._client.initialize() if not self._client.nodes_manager.slots_cache \
+                else await self._client.nodes_manager.initialize()
+            self._stale_topology = False
         if "classic" in self.forms:
             if isinstance(self._client, RedisCluster):
                 # PUBLISH in a cluster reaches every node's subscribers from any node.
@@ -314,6 +352,7 @@ class RedisPublisher:
         try:
             await call
         except REDIS_ERRORS as exc:
+            self._stale_topology = True  # a failed node or a moved slot: look again next time
             raise RedisError(f"cannot {what} Redis: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:

@@ -79,6 +79,21 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: Port = 8790
     http_allow_remote: bool = False
+    # Open connections to the local API (TCP and socket together; fewer when the open-file
+    # limit is lower). At the limit the connection idle the longest is closed to admit a new
+    # one; only when every one is busy is a new connection refused (503).
+    http_max_connections: int = Field(default=4096, ge=1)
+    # Long-polls and SSE streams open at once (at most 3/4 of http_max_connections, so that
+    # plain reads always find room); more are answered 503 with Retry-After.
+    http_max_watchers: int = Field(default=3072, ge=1)
+    # Connections one client may hold (0 = no per-client bound). Unix-socket clients are told
+    # apart by uid, TCP clients by address: every loopback client is the same one.
+    http_max_connections_per_client: int = Field(default=0, ge=0)
+    # A connection must deliver a complete request head this long after it opens or after
+    # the head's first byte (slowloris), else it is closed (408 if it sent part of a head).
+    http_header_timeout: Seconds = 10.0
+    # A connection with no request in progress is closed after this long (keep-alive).
+    http_idle_timeout: Seconds = 75.0
     # Also serve the API on this Unix socket, with this mode.
     socket_path: Path | None = None
     socket_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o660

@@ -61,10 +61,12 @@ _NOT_READY = render.dump_json({"status": "not ready"}) + b"\n"
 class ApiApp:
     """The local API of one agent; call `close()` at shutdown to end waiting requests."""
 
-    def __init__(self, store: Store, status: SyncStatus, *, heartbeat: float = HEARTBEAT) -> None:
+    def __init__(self, store: Store, status: SyncStatus, *, heartbeat: float = HEARTBEAT,
+                 max_watchers: int = 2**31) -> None:
         self._store = store
         self._status = status
-        self.open_requests = OpenRequests()
+        refused = status.metrics.http_rejected.labels(reason="watch_limit")
+        self.open_requests = OpenRequests(max_watchers, on_full=refused.inc)
         self._watch = WatchStream(store, self.open_requests, heartbeat=heartbeat)
         self._openapi = render.dump_json(openapi_document()) + b"\n"
 
@@ -140,6 +142,7 @@ class ApiApp:
         current = store.snapshot
         if current.loaded and current.revision > after:
             return current  # no task group for the common "already newer" case
+        self.open_requests.check_room()
         return await self.open_requests.wait(receive, newer, wait)
 
     async def _service(self, scope: Scope, send: Send, service: str) -> None:

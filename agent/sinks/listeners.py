@@ -1,8 +1,11 @@
-"""Listening sockets for the API and the metrics port, bound before the servers start.
+"""Listening sockets for the API and the metrics port, and the bounds of what they accept.
 
 We bind ourselves instead of letting uvicorn do it: a bind failure becomes one
-clear SinkError naming the setting (uvicorn would `sys.exit`), the Unix socket gets its mode before
-it accepts anyone, and port 0 (tests) tells us the port actually chosen.
+clear SinkError naming the setting (uvicorn would `sys.exit`), the Unix socket gets
+its mode before it accepts anyone, and port 0 (tests) tells us the port actually
+chosen. `ConnectionGuard` bounds the connections a server holds open (see
+protocol.py for the deadlines), and `connection_budget` keeps that bound below
+the process's open-file limit.
 """
 
 from __future__ import annotations
@@ -10,13 +13,126 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import socket
 import stat
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from agent.errors import SinkError
 
 BACKLOG = 2048
+# File descriptors kept for everything but API connections: PostgreSQL and Redis,
+# the file set and state writes, hook processes, inotify, the event loop itself.
+FD_RESERVE = 256
+
+
+class Connection(Protocol):
+    """What the guard needs of a connection (GuardedProtocol)."""
+
+    client_id: str
+
+    def close_evicted(self) -> None:
+        """Close now; the guard has already forgotten it."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds of one server's connections (README "Settings": CONFIG_AGENT_HTTP_*)."""
+
+    max_connections: int
+    # 0: no per-client bound. Clients are told apart by address (all loopback clients
+    # are one) and, on a Unix socket, by the peer's uid (SO_PEERCRED).
+    max_per_client: int
+    # Seconds from accept, or from the first byte of a later request, to a complete head.
+    header_timeout: float
+    # Seconds a connection may wait between requests.
+    idle_timeout: float
+
+
+def _not_counted(reason: str) -> None:
+    pass
+
+
+class ConnectionGuard:
+    """The open connections of one server: counts, the idle ones (oldest first), eviction."""
+
+    def __init__(self, limits: ConnectionLimits, on_drop: Callable[[str], None] = _not_counted) -> None:
+        self.limits = limits
+        self.open = 0
+        self._on_drop = on_drop
+        self._per_client: Counter[str] = Counter()
+        # Connections without a request in progress; insertion order = idle the longest first.
+        self._idle: dict[Connection, None] = {}
+
+    def admit(self, conn: Connection) -> bool:
+        """Count a new connection, evicting an idle one at a bound; False: refuse it."""
+        limits = self.limits
+        if self.open >= limits.max_connections and not self._evict(None):
+            self._on_drop("connection_limit")
+            return False
+        client = conn.client_id
+        if (limits.max_per_client and self._per_client[client] >= limits.max_per_client
+                and not self._evict(client)):
+            self._on_drop("connection_limit")
+            return False
+        self.open += 1
+        self._per_client[client] += 1
+        self._idle[conn] = None
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """Forget a connection that is closing."""
+        self.open -= 1
+        client = conn.client_id
+        self._per_client[client] -= 1
+        if not self._per_client[client]:
+            del self._per_client[client]
+        self._idle.pop(conn, None)
+
+    def set_idle(self, conn: Connection) -> None:
+        """The connection has no request in progress (it may be evicted)."""
+        self._idle.pop(conn, None)
+        self._idle[conn] = None
+
+    def set_busy(self, conn: Connection) -> None:
+        """A request is in progress: the connection is never evicted."""
+        self._idle.pop(conn, None)
+
+    def count(self, reason: str) -> None:
+        """Count a connection dropped for `reason` (a metric label)."""
+        self._on_drop(reason)
+
+    def _evict(self, client: str | None) -> bool:
+        for conn in self._idle:
+            if client is None or conn.client_id == client:
+                conn.close_evicted()  # releases it: stop iterating at once
+                self._on_drop("evicted")
+                return True
+        return False
+
+
+def connection_budget(wanted: int) -> int:
+    """`wanted` connections, or fewer when the open-file limit cannot hold them and FD_RESERVE.
+
+    The soft RLIMIT_NOFILE is raised toward the hard limit first, as Go's runtime does:
+    a container's soft limit is often 1,024 while its hard limit allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    # Under a tiny limit, half of it for connections rather than none.
+    spare = soft - FD_RESERVE if soft >= 2 * FD_RESERVE else soft // 2
+    return max(1, min(wanted, spare))
 
 
 def _reason(exc: OSError) -> str:

@@ -49,7 +49,10 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "config-agent local API",
             "version": agent.__version__,
-            "description": "Runtime settings of one org, served from the agent's memory.",
+            "description": "Runtime settings of one org, served from the agent's memory. Any "
+                           "path may also answer, as JSON errors: 400 (malformed request), 408 (no "
+                           "complete request head in time), 431 (request head over 64 KiB) and "
+                           "503 (too many connections).",
         },
         "paths": {
             "/v1/configs": {
@@ -79,7 +82,8 @@ def openapi_document() -> dict[str, Any]:
                         },
                         "304": _NOT_MODIFIED,
                         "400": _error("A query parameter is invalid."),
-                        "503": _NOT_LOADED,
+                        "503": _error("Not loaded yet, shutting down, or (with `after`) too many "
+                                      "long-polls and watches open (Retry-After: 1)."),
                     },
                 }
             },
@@ -147,7 +151,8 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
                         "400": _error("Last-Event-ID is not a revision."),
-                        "503": _error("Shutting down."),
+                        "503": _error("Shutting down, or too many long-polls and watches open "
+                                      "(Retry-After: 1)."),
                     },
                 }
             },

@@ -5,6 +5,8 @@ task group on the loop the agent already runs (anyio on asyncio/uvloop). It must
 not touch signals — the agent owns SIGTERM — so `capture_signals` is a no-op.
 One uvicorn server serves both API listeners (one event-loop tick, one set of
 connections); the metrics port has its own server because it runs another app.
+Each server's connections are bounded and timed out (protocol.py, listeners.py);
+the bounds fit under the process's open-file limit (`connection_budget`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,17 @@ from prometheus_client import CollectorRegistry
 
 from agent.settings import Settings, is_loopback
 from agent.sinks.api import HEARTBEAT, ApiApp
-from agent.sinks.listeners import bind_tcp, bind_unix, close_all, remove_socket_file
+from agent.sinks.listeners import (
+    ConnectionGuard,
+    ConnectionLimits,
+    bind_tcp,
+    bind_unix,
+    close_all,
+    connection_budget,
+    remove_socket_file,
+)
 from agent.sinks.probes import ProbesApp, Readiness
-from agent.sinks.protocol import JsonErrorsProtocol
+from agent.sinks.protocol import GuardedConfig
 from agent.status import SyncStatus
 from agent.store import Store
 
@@ -36,8 +46,9 @@ log = logging.getLogger("agent.server")
 # long-polls and streams end at once (ApiApp.close), so this is only a backstop
 # that keeps SIGTERM → exit within SPEC's 5 s.
 GRACEFUL_SHUTDOWN_SECONDS = 3
-# Idle keep-alive connections are closed after this long.
-KEEP_ALIVE_SECONDS = 75
+# The metrics port answers Prometheus and the kubelet, a few connections at a time; it
+# may listen on every interface, so it gets the API's deadlines and a small bound.
+METRICS_MAX_CONNECTIONS = 64
 HTTP_PORT = "CONFIG_AGENT_HTTP_PORT"
 METRICS_PORT = "CONFIG_AGENT_METRICS_PORT"
 
@@ -72,10 +83,10 @@ class _EmbeddedServer(uvicorn.Server):
         self.accepting.set()
 
 
-def _config(app: Any) -> uvicorn.Config:
-    return uvicorn.Config(
+def _config(app: Any, guard: ConnectionGuard) -> GuardedConfig:
+    return GuardedConfig(
         app,
-        http=JsonErrorsProtocol,
+        guard=guard,
         ws="none",
         lifespan="off",
         interface="asgi3",
@@ -86,7 +97,6 @@ def _config(app: Any) -> uvicorn.Config:
         server_header=False,
         forwarded_allow_ips="127.0.0.1",
         workers=1,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
@@ -103,8 +113,20 @@ class ApiServer:
         heartbeat: float = HEARTBEAT,
     ) -> None:
         self._settings = settings
-        self.app = ApiApp(store, status, heartbeat=heartbeat)
-        self._probes = ProbesApp(status, status.metrics.registry)
+        metrics = status.metrics
+        wanted = settings.http_max_connections
+        spare = METRICS_MAX_CONNECTIONS if settings.metrics_port else 0
+        api_max = max(1, connection_budget(wanted + spare) - spare)
+        if api_max < wanted:
+            log.warning("CONFIG_AGENT_HTTP_MAX_CONNECTIONS lowered from %d to %d to fit the "
+                        "open-file limit (ulimit -n)", wanted, api_max)
+        self.guard = ConnectionGuard(_limits(settings, api_max),
+                                     on_drop=lambda reason: metrics.http_rejected.labels(reason).inc())
+        metrics.http_connections.set_function(lambda: self.guard.open)
+        self._metrics_guard = ConnectionGuard(_limits(settings, METRICS_MAX_CONNECTIONS))
+        watchers = min(settings.http_max_watchers, api_max - api_max // 4)
+        self.app = ApiApp(store, status, heartbeat=heartbeat, max_watchers=max(1, watchers))
+        self._probes = ProbesApp(status, metrics.registry)
 
     async def run(self, *, task_status: TaskStatus[Listening] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; `started` once every listener accepts connections."""
@@ -124,9 +146,9 @@ class ApiServer:
         except BaseException:
             close_all(api_sockets)
             raise
-        servers = [(_EmbeddedServer(_config(self.app)), api_sockets)]
+        servers = [(_EmbeddedServer(_config(self.app, self.guard)), api_sockets)]
         if metrics_sockets:
-            servers.append((_EmbeddedServer(_config(self._probes)), metrics_sockets))
+            servers.append((_EmbeddedServer(_config(self._probes, self._metrics_guard)), metrics_sockets))
         try:
             async with anyio.create_task_group() as tg:
                 for server, sockets in servers:
@@ -174,7 +196,8 @@ async def serve_probes(
 ) -> None:
     """Serve only the metrics port (/metrics, /healthz, /readyz) — for the relay."""
     sockets = bind_tcp(host, port, METRICS_PORT)
-    server = _EmbeddedServer(_config(ProbesApp(status, registry)))
+    limits = _limits(Settings.model_construct(), METRICS_MAX_CONNECTIONS)  # the defaults
+    server = _EmbeddedServer(_config(ProbesApp(status, registry), ConnectionGuard(limits)))
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_serve_until_told, server, sockets)
@@ -194,6 +217,15 @@ async def _serve_until_told(server: _EmbeddedServer, sockets: list[socket.socket
     # torn down mid-write.
     with anyio.CancelScope(shield=True):
         await server.serve(sockets=sockets)
+
+
+def _limits(settings: Settings, max_connections: int) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_connections=max_connections,
+        max_per_client=settings.http_max_connections_per_client,
+        header_timeout=settings.http_header_timeout,
+        idle_timeout=settings.http_idle_timeout,
+    )
 
 
 def _tcp_addresses(sockets: list[socket.socket]) -> list[tuple[str, int]]:

@@ -58,6 +58,8 @@ class WatchStream:
         last_event_id = _last_event_id(scope)
         if self._open.closing:
             raise BadRequest("shutting down", 503, [(b"retry-after", b"1")])
+        if scope["method"] != "HEAD":
+            self._open.check_room()
         await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b""})
