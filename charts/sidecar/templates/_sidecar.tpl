@@ -146,6 +146,16 @@ config-agent/role: agent
   value: {{ $v.fallbackPollInterval | toString | quote }}
 - name: CONFIG_AGENT_STALE_AFTER
   value: {{ $v.staleAfter | toString | quote }}
+- name: CONFIG_AGENT_HEARTBEAT_INTERVAL
+  value: {{ $v.heartbeatInterval | toString | quote }}
+- name: CONFIG_AGENT_LAG_CHASE_TIMEOUT
+  value: {{ $v.lagChaseTimeout | toString | quote }}
+- name: CONFIG_AGENT_FETCH_JITTER
+  value: {{ $v.fetchJitter | toString | quote }}
+- name: CONFIG_AGENT_DATABASE_POOL_MODE
+  value: {{ $v.database.poolMode | default "session" | quote }}
+- name: CONFIG_AGENT_REDIS_CHANNELS
+  value: {{ $v.redis.channels | default "auto" | quote }}
 - name: CONFIG_AGENT_LOG_FORMAT
   value: {{ $v.logFormat | quote }}
 - name: CONFIG_AGENT_LOG_LEVEL
