@@ -43,7 +43,6 @@ def start(*args: str, env: dict[str, str], prefix: list[str] | None = None,
 def assert_one_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
     """Exit 1 or 2 and exactly one stderr line, `config-agent: error: …` with `fragments`."""
     lines = proc.stderr.strip().splitlines()
-    print(proc.returncode, proc.stderr.strip())  # shown with -s
     assert proc.returncode in (1, 2), (proc.returncode, proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("config-agent: error: "), proc.stderr
@@ -162,3 +161,14 @@ def test_once_with_an_unreachable_database_and_no_snapshot(agent_env: dict[str, 
     proc = start("once", env=env)
     assert_one_line(proc, "CONFIG_AGENT_DATABASE_URL")
     assert proc.returncode == 1
+
+
+def test_only_our_errors_become_one_line() -> None:
+    from agent.cli import describe_failure
+    from agent.errors import SinkError
+
+    nested = ExceptionGroup("run", [ExceptionGroup("serve", [SinkError("cannot listen (X): y")])])
+    assert describe_failure(nested, None, "run") == ("cannot listen (X): y", 1)
+    # A bug next to one of ours keeps its traceback; Ctrl-C is exit 130 without a line.
+    assert describe_failure(ExceptionGroup("run", [SinkError("x"), TypeError("bug")]), None, "run") is None
+    assert describe_failure(BaseExceptionGroup("run", [KeyboardInterrupt()]), None, "run") == (None, 130)
