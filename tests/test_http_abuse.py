@@ -351,22 +351,27 @@ async def test_1500_held_connections_do_not_stop_a_normal_request() -> None:
         with anyio.fail_after(20):
             port = int((await server.stdout.receive()).decode().split()[0])
 
-        def scenario() -> list[float]:
+        def scenario() -> tuple[float, list[float]]:
             for n in range(1500):  # half silent, half an incomplete head (slowloris)
                 sock = connect(("127.0.0.1", port))
                 if n % 2:
                     sock.sendall(b"GET /v1/configs HTTP/1.1\r\nHost: x\r\n")
                 held.append(sock)
+            # The first request queues behind the burst of 1,500 connects the server is
+            # still accepting (and evicting); then they are only held.
+            started = time.perf_counter()
+            assert exchange(("127.0.0.1", port), b"GET /healthz" + H)[0] == 200
+            first = time.perf_counter() - started
             timings = []
             for _ in range(21):
                 started = time.perf_counter()
                 status, _, _ = exchange(("127.0.0.1", port), b"GET /v1/configs/ai/threshold" + H)
                 timings.append(time.perf_counter() - started)
                 assert status == 200
-            return timings
+            return first, timings
 
         with anyio.fail_after(50):
-            timings = await anyio.to_thread.run_sync(scenario, abandon_on_cancel=True)
+            first, timings = await anyio.to_thread.run_sync(scenario, abandon_on_cancel=True)
     finally:
         for sock in held:
             sock.close()
@@ -374,5 +379,6 @@ async def test_1500_held_connections_do_not_stop_a_normal_request() -> None:
         await server.wait()
     median = statistics.median(timings)
     print(f"1500 held connections, open-file limit 1024: new-connection read median "
-          f"{median * 1e3:.2f} ms, max {max(timings) * 1e3:.2f} ms")  # shown with -s
+          f"{median * 1e3:.2f} ms, max {max(timings) * 1e3:.2f} ms (the first, right after the "
+          f"burst of connects: {first * 1e3:.0f} ms)")  # shown with -s
     assert median < 0.100
