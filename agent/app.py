@@ -77,8 +77,8 @@ class Agent:
         if settings.output_dir is not None:
             from agent.sinks.files import FileSink
 
-            self.file_sink = FileSink(settings.output_dir, file_mode=settings.file_mode,
-                                      dir_mode=settings.dir_mode)
+            self.file_sink = FileSink.from_settings(settings, self.status.files)
+        self.status.state.enabled = settings.state_dir is not None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve, subscribe, warm-load, then keep in sync; `started` once ready."""

@@ -52,6 +52,7 @@ AGENT_FLAGS = (
     ("--output-dir", "write configs.json, configs.env and {service}/{key} here"),
     ("--file-mode", "mode of written files (default 0644)"),
     ("--dir-mode", "mode of written directories (default 0755)"),
+    ("--env-prefix", "put before every variable name in configs.env (default none)"),
     ("--state-dir", "keep the last-known-good snapshot here"),
     ("--metrics-host", "metrics address (default 0.0.0.0)"),
     ("--metrics-port", "metrics port, also /healthz and /readyz (default 9790, 0 = off)"),

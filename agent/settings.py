@@ -39,6 +39,13 @@ def _positive(value: float) -> float:
     return value
 
 
+def _env_prefix(value: str) -> str:
+    # Upper case only: lower-case variables such as http_proxy mean something to curl.
+    if value and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+        raise ValueError("must be empty or upper-case letters, digits and _ (not starting with a digit)")
+    return value
+
+
 Seconds = Annotated[float, AfterValidator(_positive)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -101,6 +108,9 @@ class Settings(BaseSettings):
     output_dir: Path | None = None
     file_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o644
     dir_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o755
+    # Put before every variable name in configs.env (APP_ → APP_AI_THRESHOLD); names on
+    # the deny list (envfile.py) are left out, and a prefix keeps clear of all of them.
+    env_prefix: Annotated[str, AfterValidator(_env_prefix)] = ""
     # Last-known-good snapshot, served (stale) when PostgreSQL is down at start.
     state_dir: Path | None = None
     # Prometheus metrics plus /healthz and /readyz for kubelet probes (0 = off).

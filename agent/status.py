@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter, Gauge
+
 from agent.metrics import RESULTS, SOURCES, Metrics
 from agent.store import Snapshot
 
@@ -20,6 +22,14 @@ class SyncStatus:
     db_connected: bool = False
     ready: bool = False
     last_error: str | None = None
+    # The outputs on disk; their writers report every attempt here.
+    files: OutputHealth = field(init=False)
+    state: OutputHealth = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.metrics
+        self.files = OutputHealth(m.files_ok, m.files_write_failures, m.files_skipped)
+        self.state = OutputHealth(m.state_ok, m.state_write_failures)
 
     def set_redis(self, connected: bool) -> None:
         """Record whether the Redis subscription is live."""
@@ -72,5 +82,71 @@ class SyncStatus:
             "messages": self._counts("config_agent_messages_total", "result", RESULTS),
             "updates": self._counts("config_agent_updates_total", "source", SOURCES),
             "drift": int(self.metrics.registry.get_sample_value("config_agent_drift_total") or 0),
+            "files": self.files.document(),
+            "state": self.state.document(),
             "redis_deaf": int(self.metrics.registry.get_sample_value("config_agent_redis_deaf_total") or 0),
+        }
+
+
+@dataclass
+class OutputHealth:
+    """Whether one output on disk (the file set, the last-known-good snapshot) is written.
+
+    A failed write keeps the previous complete output in place, so `ok: false` means
+    "older than what HTTP serves", never "broken". Writers may report from a worker
+    thread: every field is replaced whole.
+    """
+
+    ok_gauge: Gauge
+    failures: Counter
+    skipped_gauge: Gauge | None = None
+    # False until the agent builds this output (its status field is then null).
+    enabled: bool = False
+    ok: bool = True
+    # Revision of the last complete write.
+    revision: int | None = None
+    last_error: str | None = None
+    failing_since: float | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ok_gauge.set(1)
+
+    def succeeded(self, revision: int) -> bool:
+        """Record a complete write of `revision`; True when it ends a run of failures."""
+        recovered = not self.ok
+        self.ok, self.revision, self.failing_since = True, revision, None
+        self.ok_gauge.set(1)
+        return recovered
+
+    def failed(self, error: str) -> bool:
+        """Record a failed attempt; True when it starts a run of failures."""
+        first = self.ok
+        if first:
+            self.failing_since = time.time()
+        self.ok, self.last_error = False, error
+        self.failures.inc()
+        self.ok_gauge.set(0)
+        return first
+
+    def set_skipped(self, counts: dict[str, int], reasons: tuple[str, ...]) -> None:
+        """Record how many entries are left out, by reason (every reason is exported)."""
+        self.skipped = {reason: n for reason, n in counts.items() if n}
+        if self.skipped_gauge is not None:
+            for reason in reasons:
+                self.skipped_gauge.labels(reason=reason).set(counts.get(reason, 0))
+
+    def document(self) -> dict[str, Any] | None:
+        """This output's part of `GET /v1/status` (None when the output is off)."""
+        if not self.enabled:
+            return None
+        failures = sum(s.value for m in self.failures.collect() for s in m.samples
+                       if s.name.endswith("_total"))
+        return {
+            "ok": self.ok,
+            "revision": self.revision,
+            "last_error": self.last_error,
+            "failing_since": self.failing_since,
+            "failures": int(failures),
+            "skipped": dict(self.skipped),
         }
