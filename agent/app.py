@@ -21,7 +21,7 @@ from agent.settings import Settings
 from agent.sources.postgres import PgSource
 from agent.sources.redis_events import RedisEvents
 from agent.sources.sync import Syncer
-from agent.state import load_snapshot, save_snapshot
+from agent.state import load_snapshot, remove_temporary_files, save_snapshot
 from agent.status import SyncStatus
 from agent.store import Snapshot, Store
 
@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # the servers (uvicorn) are imported only when `run` starts t
     from agent.sinks.server import Listening
 
 log = logging.getLogger("agent")
+# A failed save of the last-known-good snapshot is retried after this long, doubling
+# up to the maximum while it keeps failing.
+STATE_RETRY_SECONDS = 0.5
+STATE_RETRY_MAX_SECONDS = 5.0
 
 
 class Agent:
@@ -121,7 +125,9 @@ class Agent:
             log.warning("cannot warm-load from PostgreSQL: %s", exc)
         restored = None
         if self.settings.state_dir is not None:
-            restored = load_snapshot(self.settings.state_dir, self.store.snapshot.org_id)
+            # Checked like database rows: a corrupt or tampered file is one line, then ignored.
+            restored = await anyio.to_thread.run_sync(
+                load_snapshot, self.settings.state_dir, self.store.snapshot.org_id)
         if restored is None:
             # Nothing to serve yet: stay unready until the database answers.
             await self.syncer.warm_load_until_done()
@@ -146,7 +152,8 @@ class Agent:
         if self.file_sink is not None:
             await anyio.to_thread.run_sync(self.file_sink.write, snapshot)
         if self.settings.state_dir is not None:
-            await _save_state(self.settings.state_dir, snapshot)
+            await anyio.to_thread.run_sync(remove_temporary_files, self.settings.state_dir)
+            await self._save_state(self.settings.state_dir, snapshot)
 
     async def _run_outputs(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Files, hooks and the last-known-good snapshot follow every new snapshot.
@@ -171,16 +178,41 @@ class Agent:
 
     async def _persist_state(self, state_dir: Path, *,
                              task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the last-known-good snapshot current; `started` once the current one is saved."""
-        snapshot = self.store.snapshot
-        await _save_state(state_dir, snapshot)  # failing here stops the start, as it should
+        """Keep the last-known-good snapshot current; `started` once the current one is saved.
+
+        A failed save keeps the previous snapshot and is retried with the newest one.
+        """
+        await anyio.to_thread.run_sync(remove_temporary_files, state_dir)
+        saved = self.store.snapshot
+        await self._save_state(state_dir, saved)  # failing here stops the start, as it should
         task_status.started()
+        retry = STATE_RETRY_SECONDS
         while True:
-            snapshot = await self.store.wait_newer(snapshot.generation)
+            snapshot = await self.store.wait_newer(saved.generation)
             try:
-                await _save_state(state_dir, snapshot)
+                await self._save_state(state_dir, snapshot)
             except OSError as exc:
-                log.error("cannot write the last-known-good snapshot: %s", exc)
+                # One line when it starts failing; the metrics and /v1/status say it goes on.
+                level = logging.ERROR if retry == STATE_RETRY_SECONDS else logging.DEBUG
+                log.log(level, "cannot write the last-known-good snapshot in %s (keeping the "
+                        "previous one, retrying): %s", state_dir, exc)
+                await anyio.sleep(retry)  # then save whatever is newest
+                retry = min(retry * 2, STATE_RETRY_MAX_SECONDS)
+                continue
+            retry = STATE_RETRY_SECONDS
+            saved = snapshot
+
+    async def _save_state(self, state_dir: Path, snapshot: Snapshot) -> None:
+        """Save `snapshot` as the last-known-good one unless it is stale (off the event loop)."""
+        if snapshot.stale:
+            return
+        try:
+            await anyio.to_thread.run_sync(save_snapshot, state_dir, snapshot)
+        except OSError as exc:
+            self.status.state.failed(f"cannot write the last-known-good snapshot: {exc}")
+            raise
+        if self.status.state.succeeded(snapshot.revision):
+            log.info("last-known-good snapshot saved again (revision %d)", snapshot.revision)
 
     async def _watch_credentials(self) -> None:
         files: dict[Path, Callable[[], Awaitable[None]]] = {}
@@ -188,12 +220,6 @@ class Agent:
             files[self.settings.database_password_file] = self.source.reconnect
         await watch_credentials(files)
 
-
-
-async def _save_state(state_dir: Path, snapshot: Snapshot) -> None:
-    """Save `snapshot` as the last-known-good one, unless it is stale (off the event loop)."""
-    if not snapshot.stale:
-        await anyio.to_thread.run_sync(save_snapshot, state_dir, snapshot)
 
 
 async def stop_on_signal(scope: CancelScope) -> None:
