@@ -15,7 +15,7 @@ import os
 import struct
 import subprocess
 import time
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import httpx
@@ -30,10 +30,11 @@ from tests.servers import stop_processes
 class Worker:
     """One `python -m bench.worker` process (see its docstring for the protocol)."""
 
-    def __init__(self, kind: str, count: int, env: dict[str, str], *extra: str) -> None:
+    def __init__(self, kind: str, count: int, env: dict[str, str], *extra: str,
+                 stderr: IO[Any] | None = None) -> None:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "bench.worker", kind, "--count", str(count), *extra],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
         self.ready: dict[str, Any] = {}
 
@@ -79,13 +80,18 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 def start_workers(kind: str, total: int, processes: int, env: dict[str, str],
-                  *extra: str) -> list[Worker]:
-    """`total` watchers spread over `processes` worker processes, all ready."""
+                  *extra: str, stderr: list[IO[Any]] | None = None,
+                  ready_timeout: float = 300) -> list[Worker]:
+    """`total` watchers spread over `processes` worker processes, all ready.
+
+    `stderr`: one open file per process for its log (default: inherited)."""
     per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
-    workers = [Worker(kind, n, env, *extra) for n in per if n > 0]
+    workers = [Worker(kind, n, env, *extra, stderr=stderr[i] if stderr else None)
+               for i, n in enumerate(per) if n > 0]
     try:
+        deadline = time.monotonic() + ready_timeout
         for w in workers:
-            w.wait_ready()
+            w.wait_ready(max(0.1, deadline - time.monotonic()))
     except BaseException:
         stop_all(workers)
         raise
@@ -108,11 +114,11 @@ def first_at_or_after(seen: list[tuple[int, float]], revision: int) -> float | N
 # -- the relay as a real process ----------------------------------------------
 
 
-def start_relay(servers: Servers) -> subprocess.Popen[bytes]:
+def start_relay(servers: Servers, stderr: IO[Any] | None = None) -> subprocess.Popen[bytes]:
     """`python -m agent relay` with the superuser URL (it LISTENs), no metrics port."""
     env = agent_env(servers)
     env["CONFIG_AGENT_DATABASE_URL"] = servers.pg.admin_url
-    proc = subprocess.Popen([PYTHON, "-m", "agent", "relay"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([PYTHON, "-m", "agent", "relay"], cwd=ROOT, env=env, stderr=stderr)
     time.sleep(1.5)  # it LISTENs and re-announces within well under a second
     if proc.poll() is not None:
         raise RuntimeError("relay exited at start")

@@ -1,6 +1,7 @@
 """A benchmark worker process: hosts K watchers of one kind and reports when each saw what.
 
     python -m bench.worker KIND --count K [--interval S] [--output-root DIR] [--etcd-url U]
+                           [--start-together]
 
 KIND is `agents` (K in-process config-agent `Agent`s, each with its own store,
 PostgreSQL connection, Redis subscription and HTTP port; metrics port 0 = off),
@@ -45,11 +46,14 @@ def _env(name: str) -> str:
 
 
 async def host_agents(count: int, seen: Seen, output_root: Path | None, ready: dict[str, Any],
-                      tg: anyio.abc.TaskGroup) -> None:
-    """K in-process agents; one more task per agent records each new snapshot revision."""
+                      tg: anyio.abc.TaskGroup, together: bool = False) -> None:
+    """K in-process agents; one more task per agent records each new snapshot revision.
+
+    They start one after the other, or all at once with `together` (a fleet restarting)."""
     from agent.app import Agent
     from agent.settings import load_settings
 
+    agents = []
     for i in range(count):
         overrides: dict[str, Any] = {"http_port": 0, "metrics_port": 0}
         if output_root is not None:
@@ -57,10 +61,19 @@ async def host_agents(count: int, seen: Seen, output_root: Path | None, ready: d
             overrides["output_dir"] = out
             ready["dirs"].append(str(out))
         agent = Agent(load_settings(**overrides))
-        await tg.start(agent.run)
+        agents.append(agent)
+        if not together:
+            await tg.start(agent.run)
+            tg.start_soon(_follow_store, agent, seen[i])
+    if together:
+        async with anyio.create_task_group() as starting:
+            for agent in agents:
+                starting.start_soon(tg.start, agent.run)
+        for i, agent in enumerate(agents):
+            tg.start_soon(_follow_store, agent, seen[i])
+    for agent in agents:
         assert agent.listening is not None  # set once run() started
         ready["ports"].append(agent.listening.api[0][1])
-        tg.start_soon(_follow_store, agent, seen[i])
 
 
 async def _follow_store(agent: Any, out: list[tuple[int, float]]) -> None:
@@ -153,7 +166,7 @@ async def main(args: argparse.Namespace) -> None:
     ready: dict[str, Any] = {"ready": True, "ports": [], "dirs": [], "pid": os.getpid()}
     async with anyio.create_task_group() as tg:
         if args.kind == "agents":
-            await host_agents(args.count, seen, args.output_root, ready, tg)
+            await host_agents(args.count, seen, args.output_root, ready, tg, args.start_together)
         for i in range(args.count):
             if args.kind == "poll":
                 phase = args.interval * ((i * 0.618034) % 1.0)  # spread like pods started at random
@@ -184,6 +197,7 @@ def cli() -> None:
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--output-root", type=Path)
     parser.add_argument("--etcd-url")
+    parser.add_argument("--start-together", action="store_true", help="agents: start all at once")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from bench.common import raise_fd_limit

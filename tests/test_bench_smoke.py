@@ -98,3 +98,20 @@ def test_fanout_profile_smoke(tmp_path: Path) -> None:
     profile = doc["profiles"]["2"]
     assert profile["profiled_us_per_change_per_agent"] > 0
     assert any(group.startswith("agent.") for group, _us, _share in profile["groups"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_scale_smoke(tmp_path: Path) -> None:
+    """Agents with fewer PostgreSQL slots than agents: direct, through PgBouncer, from a lagging replica."""
+    doc = run_bench("scale", tmp_path)
+    cases = {case["scenario"]: case for case in doc["cases"]}
+    assert set(cases) == {"direct", "pgbouncer", "replica"}
+    for scenario, case in cases.items():
+        (run,) = case["runs"]
+        assert run["missed"] == 0, (scenario, run)
+        assert SUMMARY <= run["last_agent_ms"].keys(), scenario
+        assert run["errors_start"]["prepared_statement"] == run["errors_changes"]["prepared_statement"] == 0
+        assert run["max_reader_connections"] is not None and run["probe"]["attempts"] > 0, scenario
+    # PgBouncer holds at most its pool on the server, whatever the number of agents.
+    assert cases["pgbouncer"]["runs"][0]["max_reader_connections"] <= doc["settings"]["pool_size"]
