@@ -151,7 +151,13 @@ class _Session:
         raise NotImplementedError
 
     async def close(self) -> None:
-        raise NotImplementedError
+        """Close the subscription and the client, whatever state they are in."""
+        pubsub: Any = getattr(self, "pubsub", None)
+        client: Any = getattr(self, "client", None)
+        if pubsub is not None:
+            await _quietly(pubsub.aclose())
+        if client is not None:
+            await _quietly(client.aclose())
 
 
 class _ServerSession(_Session):
@@ -169,11 +175,6 @@ class _ServerSession(_Session):
         msg: dict[str, Any] | None = await self.pubsub.get_message(timeout=wait)
         return msg
 
-    async def close(self) -> None:
-        if hasattr(self, "pubsub"):
-            await _quietly(self.pubsub.aclose())  # type: ignore[no-untyped-call]
-        if hasattr(self, "client"):
-            await _quietly(self.client.aclose())
 
 
 class _ClusterSession(_Session):
@@ -191,12 +192,6 @@ class _ClusterSession(_Session):
     async def next_message(self, wait: float) -> dict[str, Any] | None:
         msg: dict[str, Any] | None = await self.pubsub.get_sharded_message(timeout=wait)
         return msg
-
-    async def close(self) -> None:
-        if hasattr(self, "pubsub"):
-            await _quietly(self.pubsub.aclose())
-        if hasattr(self, "client"):
-            await _quietly(self.client.aclose())
 
 
 async def _confirmed(get_message: Callable[..., Any], kind: str) -> None:
