@@ -15,7 +15,7 @@ from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from agent.credentials import watch_credentials
-from agent.errors import SourceError, UsageError
+from agent.errors import OrgNotReadableError, SourceError, UsageError
 from agent.metrics import Metrics
 from agent.settings import Settings
 from agent.sources.postgres import PgSource
@@ -119,6 +119,12 @@ class Agent:
     async def _first_load(self, tg: anyio.abc.TaskGroup) -> None:
         try:
             await self.syncer.warm_load()
+            return
+        except OrgNotReadableError as exc:
+            # Not an outage: a saved snapshot would hide it. Unready until the role is granted.
+            self.status.set_db(False, str(exc))
+            log.error("%s", exc)
+            await self.syncer.warm_load_until_done()
             return
         except SourceError as exc:
             self.status.set_db(False, str(exc))

@@ -6,7 +6,8 @@
     ├── ConflictError       (3)      --expect-version did not match
     ├── SourceError         (1)      PostgreSQL or Redis could not be used
     │   ├── DatabaseError   (1)
-    │   │   └── DatabaseBusyError (1) the server refused a connection (too many clients)
+    │   │   ├── DatabaseBusyError (1) the server refused a connection (too many clients)
+    │   │   └── OrgNotReadableError (1) the role's row-level security hides the org
     │   └── RedisError      (1)
     └── SinkError           (1)      a listener or the file set could not be set up or written
 
@@ -49,6 +50,13 @@ class DatabaseError(SourceError):
 
 class DatabaseBusyError(DatabaseError):
     """PostgreSQL refused a new connection because it is full (too many clients)."""
+
+
+class OrgNotReadableError(DatabaseError):
+    """The database role may not read the agent's org (the reader policy maps it elsewhere).
+
+    Not "no entries yet": row-level security would hide every row without an error.
+    """
 
 
 class RedisError(SourceError):

@@ -16,12 +16,25 @@ import anyio
 import asyncpg
 
 from agent.db.connect import CONNECTION_ERRORS, connect, describe
-from agent.errors import DatabaseBusyError, DatabaseError
+from agent.errors import DatabaseBusyError, DatabaseError, OrgNotReadableError
 from agent.model import Change
 
-# Entries live now (deleted ones are not served), plus the org revision.
-WARM_LOAD = """
+# Row-level security hides another org's rows without an error, so "no entries yet"
+# and "this role may not read this org" look alike. This asks the reader policy's own
+# mapping (002_tenant_roles.sql): NULL when the role sees every org (row security is
+# off for it: superuser, table owner, BYPASSRLS; or a writer), else the one org the
+# policy lets it read ('' for none).
+READER_ORG = """
+CASE WHEN NOT row_security_active('service_configs')
+          OR pg_has_role('config_agent_writer', 'USAGE') THEN NULL
+     ELSE coalesce(config_agent_reader_org(current_user::text), '') END
+"""
+ORG_ACCESS = f"SELECT current_user::text AS role_name, {READER_ORG} AS reader_org"
+# Entries live now (deleted ones are not served), plus the org revision and whether
+# this role may read the org at all.
+WARM_LOAD = f"""
 SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
+       current_user::text AS role_name, {READER_ORG} AS reader_org,
        c.service, c.key, c.value::text AS value, c.version, c.revision, c.deleted,
        c.updated_at
   FROM (SELECT 1) AS one
@@ -108,9 +121,29 @@ class PgSource:
         self._crowded_until = 0.0
 
     async def warm_load(self) -> Fetched:
-        """Every live entry of the org (filtered by service) and the org revision."""
+        """Every live entry of the org (filtered by service) and the org revision.
+
+        Raises OrgNotReadableError when the role may not read the org at all.
+        """
         rows = await self._fetch(WARM_LOAD, self._org_id, self._services)
+        self._check_readable(rows[0])
         return _rows_to_fetched(rows)
+
+    async def check_org_readable(self) -> None:
+        """Raise OrgNotReadableError unless this role may read the org (one small query)."""
+        rows = await self._fetch(ORG_ACCESS)
+        self._check_readable(rows[0])
+
+    def _check_readable(self, row: asyncpg.Record) -> None:
+        reader_org = row["reader_org"]
+        if reader_org is None or reader_org == self._org_id:
+            return
+        role = row["role_name"]
+        reads = f"reads org {reader_org!r} only" if reader_org else "is mapped to no org"
+        raise OrgNotReadableError(
+            f"database role {role!r} may not read org {self._org_id!r}: the reader policy says it "
+            f"{reads}; make a reader role of this org: config-agent grant-reader --org {self._org_id} "
+            f"--role NAME")
 
     async def fetch_changes_since(self, revision: int) -> Fetched:
         """Every change after `revision` (one page), with the org revision."""

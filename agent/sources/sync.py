@@ -104,7 +104,9 @@ class Syncer:
         while True:
             try:
                 if self.store.snapshot.loaded:
-                    # Catching up from a last-known-good snapshot: a start, not drift.
+                    # Catching up from a last-known-good snapshot: a start, not drift. A
+                    # delta the role may not read would be empty, not an error: ask first.
+                    await self.source.check_org_readable()
                     await self._fetch_all("warmload")
                 else:
                     await self.warm_load()
