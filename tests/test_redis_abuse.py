@@ -219,8 +219,9 @@ async def test_flood_of_10k_messages_per_second_does_not_delay_a_real_change(
     before it. With a CPU of its own the agent keeps up (≈70 µs of CPU per message,
     about 14k/s) and the backlog stays empty; on a shared, loaded machine it may not,
     and then the bound is what draining the backlog ahead of the change takes at the
-    rate the agent was measured to consume: 100 ms + 1.5 × backlog / rate. Either way
-    nothing is lost, nothing else delays the change, and the figures are printed.
+    rate the agent was measured to consume over the run: 100 ms + 2 × backlog / rate
+    (2×: that rate swings with the machine's other load). Either way nothing is lost,
+    nothing else delays the change, and the figures are printed.
     """
     await seed(db_url, org)
     async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url) as agent:
@@ -269,7 +270,7 @@ async def test_flood_of_10k_messages_per_second_does_not_delay_a_real_change(
         assert len(changes) >= 3, "the real changes must happen while the flood runs"
         assert achieved >= 0.8 * rate, f"the publisher reached only {achieved:,.0f}/s"
         for delay, backlog in changes:
-            assert delay < FLOOD_BOUND_SECONDS + 1.5 * backlog / consumed, (delay, backlog, consumed)
+            assert delay < FLOOD_BOUND_SECONDS + 2 * backlog / consumed, (delay, backlog, consumed)
         assert agent_state(agent)[("ai", "threshold")] == (value, 1 + len(changes))
         assert agent_state(agent)[("email", "max_retries")] == (3, 1)
         assert counted(agent, "applied") == len(changes)
