@@ -1,8 +1,12 @@
 """Scale-out (issue #10.6, #10.7): N agents against a PostgreSQL with fewer connection slots than agents.
 
-    python -m bench.bench_scale                      # N = 200, every case below, 3 runs (~10 min)
+    python -m bench.bench_scale                      # N = 200, every case below, 3 runs (~25 min)
     python -m bench.bench_scale --scenario direct --agents 200 --changes 3 --runs 1 --jitters 0.02
     python -m bench.bench_scale --smoke              # CI: N = 12, 2 changes, one run of each scenario
+
+Diagnostic knobs (not defaults of the agent): --db-idle-timeout, --reader-connection-limit
+(ALTER ROLE … CONNECTION LIMIT), --settle (seconds from ready to the first change),
+--max-connections; --keep-logs DIR keeps every run's agent, relay and server logs.
 
 Each case runs on fresh private servers: PostgreSQL with `max_connections` below N
 (50 for N = 200; `superuser_reserved_connections` stays 3; `log_connections = on`),
@@ -26,8 +30,10 @@ superuser connection opened before the agents) while a separate non-superuser ro
 (the last agent applied − COMMIT), reader backends at most, probe attempts and
 failures; per run: lines in the agents' logs mentioning "too many clients",
 "prepared statement", "error" or "failed" (at start and while the changes flowed),
-and connections the server authorized and refused (its log). Headline figures are
-the median over `--runs`.
+and connections the server authorized and refused (its log), and the CPU the read
+server and the agents spent meanwhile. Headline figures are the median over `--runs`.
+`read_cost` (first run, before its agents start): the CPU of one delta read on a kept
+connection and on a new one (what a crowded agent pays per change).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -137,6 +144,10 @@ class ScaleServers(Servers):
             self.replica.start()
             self.replica.wait_caught_up()
 
+    def __enter__(self) -> ScaleServers:
+        super().__enter__()
+        return self
+
     def __exit__(self, *exc: object) -> None:
         if self.bouncer is not None:
             self.bouncer.destroy()
@@ -198,7 +209,7 @@ class Sampler:
 
     def most(self, start: float, end: float, column: int = 1) -> int | None:
         """Most backends sampled in [start, end] (None: no sample in it)."""
-        values = [s[column] for s in self.samples if start <= s[0] <= end]
+        values = [int(s[column]) for s in self.samples if start <= s[0] <= end]
         return max(values) if values else None
 
 
@@ -231,14 +242,18 @@ class Probe:
                 "max_ms": round(max((a[2] for a in picked), default=0.0) * 1000, 1), "errors": errors[:3]}
 
 
-def count_errors(files: list[Path], offsets: list[int] | None = None, end: list[int] | None = None) -> dict[str, int]:
-    """Log lines mentioning each ERROR_PATTERNS phrase (and any of them), from `offsets` to `end`."""
+def log_text(path: Path, start: int = 0, end: int | None = None) -> str:
+    """Bytes `start`..`end` of a log file (a file offset taken earlier marks a moment)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(-1 if end is None else end - start).decode(errors="replace")
+
+
+def count_errors(texts: list[str]) -> dict[str, int]:
+    """Lines mentioning each of ERROR_PATTERNS, and lines mentioning any of them."""
     counts = dict.fromkeys(ERROR_PATTERNS, 0) | {"lines": 0}
-    for i, path in enumerate(files):
-        with open(path, "rb") as f:
-            f.seek(offsets[i] if offsets else 0)
-            text = f.read((end[i] - (offsets[i] if offsets else 0)) if end else -1)
-        for line in text.decode(errors="replace").lower().splitlines():
+    for text in texts:
+        for line in text.lower().splitlines():
             hits = [name for name, pattern in ERROR_PATTERNS.items() if re.search(pattern, line)]
             for name in hits:
                 counts[name] += 1
@@ -246,15 +261,12 @@ def count_errors(files: list[Path], offsets: list[int] | None = None, end: list[
     return counts
 
 
-def server_log_counts(log: Path, offset: int, end: int) -> dict[str, int]:
+def server_log_counts(text: str) -> dict[str, int]:
     """Connections of the reader role the server let in, and all it refused as full.
 
     A refusal for lack of a non-reserved slot (or over the role's CONNECTION LIMIT)
     comes after authentication: its backend logs "connection authorized" too, so a
     reader connection counts only if its process was not refused."""
-    with open(log, "rb") as f:
-        f.seek(offset)
-        text = f.read(end - offset).decode(errors="replace")
     readers, refused = set(), set()
     for pid, level, message in re.findall(r"\[(\d+)\] (\w+):\s+(.*)", text):
         if message.startswith(f"connection authorized: user={READER_ROLE} "):
@@ -280,8 +292,45 @@ def server_cpu_seconds(postgres: PrivatePostgres) -> float:
     return total
 
 
-def _sizes(files: list[Path]) -> list[int]:
-    return [p.stat().st_size for p in files]
+class LogMarks:
+    """Where the agents' logs and the read server's log end at one moment."""
+
+    def __init__(self, agent_logs: list[Path], server_log: Path) -> None:
+        self.agent_logs, self.server_log = agent_logs, server_log
+        self.agents = [p.stat().st_size for p in agent_logs]
+        self.server = server_log.stat().st_size
+
+    def agent_errors_since(self, earlier: LogMarks | None) -> dict[str, int]:
+        return count_errors([log_text(p, earlier.agents[i] if earlier else 0, end)
+                             for i, (p, end) in enumerate(zip(self.agent_logs, self.agents, strict=True))])
+
+    def server_since(self, earlier: LogMarks) -> dict[str, int]:
+        return server_log_counts(log_text(self.server_log, earlier.server, self.server))
+
+
+class Fleet:
+    """The worker processes' agents and, per agent, every (revision, time) it applied."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self.seen: list[list[tuple[int, float]]] = []
+
+    def collect(self) -> None:
+        """Ask every worker what its agents applied since the last time (blocking)."""
+        i = 0
+        for w in self.workers:
+            for got in w.dump():
+                if i == len(self.seen):
+                    self.seen.append([])
+                self.seen[i].extend(got)
+                i += 1
+
+    def applied(self, revision: int) -> list[float | None]:
+        """When each agent first held `revision` or a later one (None: not yet)."""
+        return [first_at_or_after(s, revision) for s in self.seen]
+
+    def cpu_seconds(self) -> float:
+        return sum(proc_cpu_seconds(w.proc.pid) for w in self.workers)
 
 
 # -- one run of one case ------------------------------------------------------------
@@ -299,9 +348,13 @@ async def prepare(servers: ScaleServers, reader_limit: int | None) -> None:
         await admin.close()
 
 
-async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    """Start N agents, then make the changes; everything below is bounded in time."""
+async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace,
+                  reads: int = 0) -> dict[str, Any]:
+    """Start N agents, then make the changes; everything below is bounded in time.
+
+    With `reads`, first measure what one delta read costs (read_cost), on the idle server."""
     await prepare(servers, args.reader_connection_limit)
+    cost = await read_cost(servers, reads) if reads else None
     logs = Path(tempfile.mkdtemp(prefix="logs-", dir=servers.tmp))
     processes = min(args.agents, args.processes)
     sampler: Sampler | None = None
@@ -335,7 +388,7 @@ async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace) -
                     ready_timeout=args.start_timeout))
                 started = time.time()
                 await anyio.sleep(args.settle)
-                doc = await _changes(servers, workers, writer, sampler, probe, err_paths, args)
+                doc = await _changes(servers, Fleet(workers), writer, sampler, probe, err_paths, args)
                 doc |= {"start_s": round(started - t0, 2), "max_reader_connections_start": sampler.most(t0, started)}
                 tg.cancel_scope.cancel()
         finally:
@@ -347,8 +400,7 @@ async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace) -
             if args.keep_logs is not None:  # the agents' and the server's logs, to read after
                 shutil.copy(servers.read_log, logs / "postgresql.log")
                 shutil.copytree(logs, args.keep_logs / f"{case.name.replace(' ', '-')}-{time.time():.0f}")
-        errors_start = doc.pop("_errors_start")
-        relay_errors = count_errors([logs / "relay.log"])["lines"]
+        relay_errors = count_errors([log_text(logs / "relay.log")])["lines"]
     return {
         "scenario": case.scenario, "fetch_jitter": case.jitter, "agents": args.agents,
         "processes": processes, "max_connections": args.max_connections,
@@ -356,32 +408,20 @@ async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace) -
         "db_idle_timeout": (Settings.model_fields["db_idle_timeout"].default if args.db_idle_timeout is None
                             else args.db_idle_timeout),
         "pool_size": args.pool_size if case.scenario == "pgbouncer" else None,
-        "errors_start": errors_start, "relay_error_lines": relay_errors, **doc,
+        "relay_error_lines": relay_errors, **doc, **({"read_cost": cost} if cost else {}),
     }
 
 
-async def _changes(servers: ScaleServers, workers: list[Worker], writer: TimedWriter, sampler: Sampler,
+async def _changes(servers: ScaleServers, fleet: Fleet, writer: TimedWriter, sampler: Sampler,
                    probe: Probe, err_paths: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    seen: list[list[tuple[int, float]]] = []
-
-    def collect() -> None:
-        i = 0
-        for w in workers:
-            for got in w.dump():
-                if i == len(seen):
-                    seen.append([])
-                seen[i].extend(got)
-                i += 1
-
-    await anyio.to_thread.run_sync(collect)
-    held_idle = sampler.samples[-1][1] if sampler.samples else None
-    err_offsets, log_offset = _sizes(err_paths), servers.read_log.stat().st_size
-    errors_start = count_errors(err_paths, None, err_offsets)
-    stop_probe = anyio.Event()
-    commits: list[tuple[int, float]] = []
-    worker_pids = [w.proc.pid for w in workers]
+    """Commit the changes, wait (bounded) until every agent has the last, and measure."""
+    await anyio.to_thread.run_sync(fleet.collect)
+    held_before = sampler.samples[-1][1] if sampler.samples else None
+    before = LogMarks(err_paths, servers.read_log)
     read_server = servers.replica or servers.pg
-    cpu0 = server_cpu_seconds(read_server), sum(proc_cpu_seconds(pid) for pid in worker_pids)
+    cpu0 = server_cpu_seconds(read_server), fleet.cpu_seconds()
+    commits: list[tuple[int, float]] = []
+    stop_probe = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(probe.run, stop_probe, time.monotonic() + args.changes * args.spacing + args.timeout + 5)
         await anyio.sleep(0.2)  # the probe's first attempts see the idle fleet
@@ -389,72 +429,102 @@ async def _changes(servers: ScaleServers, workers: list[Worker], writer: TimedWr
             result = await writer.set(servers.org, "s1", "k1", {"n": i}, actor="bench")
             commits.append((result.revision, writer.committed_at))
             await anyio.sleep(args.spacing)
-        last_revision = commits[-1][0]
         deadline = time.monotonic() + args.timeout
         while True:
-            await anyio.to_thread.run_sync(collect)
-            if all(first_at_or_after(s, last_revision) is not None for s in seen):
-                break
-            if time.monotonic() > deadline:
+            await anyio.to_thread.run_sync(fleet.collect)
+            if None not in fleet.applied(commits[-1][0]) or time.monotonic() > deadline:
                 break
             await anyio.sleep(0.25)
         await anyio.sleep(0.2)
         stop_probe.set()
-    cpu1 = server_cpu_seconds(read_server), sum(proc_cpu_seconds(pid) for pid in worker_pids)
+    cpu1 = server_cpu_seconds(read_server), fleet.cpu_seconds()
     await anyio.sleep(0.3)  # the server logs the last disconnects
-    end = time.time()
-    err_end, log_end = _sizes(err_paths), servers.read_log.stat().st_size
-
-    per_change = []
-    every: list[float] = []
-    for n, (revision, committed) in enumerate(commits):
-        times = [first_at_or_after(s, revision) for s in seen]
-        got = [t for t in times if t is not None]
-        missed = len(times) - len(got)
-        every.extend((t - committed) * 1000 for t in got)
-        window_end = max(got) if got and not missed else (commits[n + 1][1] if n + 1 < len(commits) else end)
-        probe_window = probe.within(committed, max(window_end, committed + PROBE_EVERY))
-        per_change.append({
-            "revision": revision,
-            "last_agent_ms": round((max(got) - committed) * 1000, 1) if got and not missed else None,
-            "median_agent_ms": round(statistics.median(got) * 1000 - committed * 1000, 1) if got else None,
-            "missed": missed,
-            "max_reader_connections": sampler.most(committed, window_end + SAMPLE_EVERY),
-            "probe_attempts": probe_window["attempts"], "probe_failures": probe_window["failures"],
-            # (ms after COMMIT, reader backends, of them idle) until the last agent had it
-            "reader_backends": [(round((t - committed) * 1000), reader, idle) for t, reader, idle, _
-                                in sampler.samples if committed <= t <= window_end],
-        })
-    converged = [c["last_agent_ms"] for c in per_change if c["last_agent_ms"] is not None]
+    end, after = time.time(), LogMarks(err_paths, servers.read_log)
+    per_change = [_one_change(fleet, sampler, probe, commits, n, end) for n in range(len(commits))]
+    every = [(t - committed) * 1000 for revision, committed in commits
+             for t in fleet.applied(revision) if t is not None]
     first = commits[0][1]
     return {
         "changes": len(commits),
-        "last_agent_ms": summarize(converged),
+        "last_agent_ms": summarize([c["last_agent_ms"] for c in per_change if c["last_agent_ms"] is not None]),
         "every_agent_ms": summarize(every),
         "missed": sum(c["missed"] for c in per_change),
-        "held_idle_reader_connections": held_idle,
+        "reader_connections_before": held_before,
         "max_reader_connections": sampler.most(first, end),
         "max_client_backends": sampler.most(first, end, column=3),
         "probe": probe.within(first, end),
-        "errors_changes": count_errors(err_paths, err_offsets, err_end),
-        "server_log_changes": server_log_counts(servers.read_log, log_offset, log_end),
+        "errors_start": before.agent_errors_since(None),
+        "errors_changes": after.agent_errors_since(before),
+        "server_log_changes": after.server_since(before),
         # CPU seconds from the first change until the last agent had the last one: the
         # server the agents read from (every backend, also those that ended) and the agents.
         "read_server_cpu_s": round(cpu1[0] - cpu0[0], 2),
         "agents_cpu_s": round(cpu1[1] - cpu0[1], 2),
         "per_change": per_change,
-        "_errors_start": errors_start,
     }
 
 
-def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+def _one_change(fleet: Fleet, sampler: Sampler, probe: Probe, commits: list[tuple[int, float]], n: int,
+                end: float) -> dict[str, Any]:
+    """Figures of change `n`, over its window: COMMIT → the last agent had it (or the next change)."""
+    revision, committed = commits[n]
+    got = [t for t in fleet.applied(revision) if t is not None]
+    missed = len(fleet.seen) - len(got)
+    window_end = max(got) if got and not missed else (commits[n + 1][1] if n + 1 < len(commits) else end)
+    probe_window = probe.within(committed, max(window_end, committed + PROBE_EVERY))
+    return {
+        "revision": revision,
+        "last_agent_ms": round((max(got) - committed) * 1000, 1) if got and not missed else None,
+        "median_agent_ms": round((statistics.median(got) - committed) * 1000, 1) if got else None,
+        "missed": missed,
+        "max_reader_connections": sampler.most(committed, window_end + SAMPLE_EVERY),
+        "probe_attempts": probe_window["attempts"], "probe_failures": probe_window["failures"],
+        # (ms after COMMIT, reader backends, of them idle) until the last agent had it
+        "reader_backends": [(round((t - committed) * 1000), reader, idle) for t, reader, idle, _
+                            in sampler.samples if committed <= t <= window_end],
+    }
+
+
+def run_case(case: Case, args: argparse.Namespace, reads: int = 0) -> dict[str, Any]:
     """One run of one case on fresh servers (blocking: servers start outside the loop)."""
     t0 = time.monotonic()
     with ScaleServers(case.scenario, args.max_connections, args.pool_size) as servers:
-        result: dict[str, Any] = anyio.run(measure, servers, case, args, backend="asyncio",
+        result: dict[str, Any] = anyio.run(measure, servers, case, args, reads, backend="asyncio",
                                            backend_options={"use_uvloop": True})
     result["wall_s"] = round(time.monotonic() - t0, 1)
     return result
+
+
+# -- what one read costs: on a kept connection, and on a new one ----------------------
+
+
+async def read_cost(servers: ScaleServers, reads: int) -> dict[str, Any]:
+    """CPU of one delta read (the agent's PgSource) on a kept connection and on a new one
+    (connect + read + close, as an agent does on a full server), agent side and server side."""
+    from agent.sources.postgres import PgSource
+
+    source = PgSource(servers.pg.reader_url(), servers.org)
+    out: dict[str, Any] = {"reads": reads}
+    try:
+        await source.fetch_changes_since(0)
+        for mode in ("kept", "new"):
+            server0, client0, t0 = server_cpu_seconds(servers.pg), _own_cpu(), time.perf_counter()
+            for _ in range(reads):
+                await source.fetch_changes_since(0)
+                if mode == "new":
+                    await source.close()
+            wall, client = time.perf_counter() - t0, _own_cpu() - client0
+            server = server_cpu_seconds(servers.pg) - server0
+            out[mode] = {"wall_ms": round(wall * 1000 / reads, 2), "agent_cpu_ms": round(client * 1000 / reads, 2),
+                         "server_cpu_ms": round(server * 1000 / reads, 2)}
+    finally:
+        await source.close()
+    return out
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- summary ------------------------------------------------------------------------
@@ -485,7 +555,7 @@ def summarize_case(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
             "start_s": med("start_s"),
             "max_reader_connections": med("max_reader_connections"),
             "max_reader_connections_start": med("max_reader_connections_start"),
-            "held_idle_reader_connections": med("held_idle_reader_connections"),
+            "reader_connections_before": med("reader_connections_before"),
             "errors_changes": {k: med("errors_changes", k) for k in runs[0]["errors_changes"]},
             "errors_start": {k: med("errors_start", k) for k in runs[0]["errors_start"]},
             "probe_attempts": med("probe", "attempts"), "probe_failures": med("probe", "failures"),
@@ -496,7 +566,7 @@ def summarize_case(case: Case, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
-    found = []
+    found: list[Case] = []
     for scenario in args.scenario.split(","):
         if scenario not in SCENARIOS:
             raise SystemExit(f"unknown scenario {scenario!r} (one of {', '.join(SCENARIOS)})")
@@ -508,10 +578,12 @@ def cases(args: argparse.Namespace) -> list[Case]:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
     results = []
+    cost: dict[str, Any] = {}
     for case in cases(args):
         runs = []
         for run in range(args.runs):
-            doc = run_case(case, args)
+            doc = run_case(case, args, reads=0 if cost else args.agents)
+            cost = cost or doc.pop("read_cost")
             runs.append(doc)
             last = doc["last_agent_ms"]
             print(f"{case.name} run {run + 1}: last agent p50 {last.get('p50')} max {last.get('max')} ms, "
@@ -520,10 +592,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"{doc['probe']['failures']}/{doc['probe']['attempts']}", flush=True)
         results.append(summarize_case(case, runs))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    return {"settings": settings, "agent_default_fetch_jitter": DEFAULT_JITTER, "cases": results}
+    return {"settings": settings, "agent_default_fetch_jitter": DEFAULT_JITTER, "read_cost": cost,
+            "cases": results}
 
 
 def report(doc: dict[str, Any]) -> None:
+    cost = doc["read_cost"]
+    print_table(f"One delta read (ms per read, mean of {cost['reads']})",
+                ["connection", "wall", "agent CPU", "server CPU"],
+                [[mode, cost[mode]["wall_ms"], cost[mode]["agent_cpu_ms"], cost[mode]["server_cpu_ms"]]
+                 for mode in ("kept", "new")])
     rows = []
     for case in doc["cases"]:
         m = case["median"]

@@ -113,5 +113,6 @@ def test_scale_smoke(tmp_path: Path) -> None:
         assert SUMMARY <= run["last_agent_ms"].keys(), scenario
         assert run["errors_start"]["prepared_statement"] == run["errors_changes"]["prepared_statement"] == 0
         assert run["max_reader_connections"] is not None and run["probe"]["attempts"] > 0, scenario
+    assert {"wall_ms", "agent_cpu_ms", "server_cpu_ms"} <= doc["read_cost"]["new"].keys()
     # PgBouncer holds at most its pool on the server, whatever the number of agents.
     assert cases["pgbouncer"]["runs"][0]["max_reader_connections"] <= doc["settings"]["pool_size"]

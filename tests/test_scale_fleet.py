@@ -35,7 +35,7 @@ def run_scale(tmp_path: Path, scenario: str, *extra: str) -> dict[str, Any]:
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=165)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (case,) = json.loads((tmp_path / "scale.json").read_text())["cases"]
-    (run,) = case["runs"]
+    run: dict[str, Any] = case["runs"][0]
     print({k: v for k, v in run.items() if k != "per_change"})
     return run
 
