@@ -63,7 +63,7 @@ AGENT_FLAGS = (
                              "means resubscribe (default 5, 0 = off)"),
     ("--lag-chase-timeout", "seconds to chase an announced version the read database does not "
                             "show yet (default 15)"),
-    ("--fetch-jitter", "a fetch after an announcement waits a random 0..this many seconds (default 0.02)"),
+    ("--fetch-jitter", "a fetch after an announcement waits a random 0..this many seconds (default 0)"),
     ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
     ("--stale-after", "seconds without a successful sync before stale (default 600)"),
     ("--db-idle-timeout", "close the idle read connection after this many seconds (default 60, 0 = never)"),
@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, help="the LOGIN role (also the Redis ACL user name)")
     p.add_argument("--password-file", type=Path, default=None,
                    help="file holding the role's password (used for PostgreSQL and Redis)")
+    p.add_argument("--connection-limit", type=int, default=None,
+                   help="at most this many sessions of the role (CONNECTION LIMIT; -1 = none): leaves "
+                        "the server's other slots to other clients when agents outnumber them")
     p.add_argument("--redis-apply", action="store_true",
                    help="apply the ACL SETUSER on --redis-url instead of only printing it")
 

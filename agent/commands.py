@@ -161,7 +161,7 @@ def cmd_grant_reader(args: argparse.Namespace, settings: Settings) -> int:
         conn = await connect(settings.database_url or "", password_file=settings.database_password_file,
                              pool_mode=settings.database_pool_mode)
         try:
-            await grant_reader(conn, args.org, args.role, password)
+            await grant_reader(conn, args.org, args.role, password, args.connection_limit)
         finally:
             await conn.close()
         if args.redis_apply:

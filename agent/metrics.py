@@ -75,6 +75,11 @@ class Metrics:
         self.updates_by_source = {source: self.updates.labels(source=source) for source in SOURCES}
         self.messages_by_result = {result: self.messages.labels(result=result) for result in RESULTS}
         self.org_revision = self.revision.labels(org_id=org_id)
+        self.db_refused = Counter(
+            "config_agent_db_refused",
+            "Connections PostgreSQL refused because it was full (too many clients, or the role's "
+            "CONNECTION LIMIT); the agent retries within 2 s.", registry=r,
+        )
         self.redis_deaf = Counter(
             "config_agent_redis_deaf",
             "Times the Redis subscription heard neither a change nor a heartbeat for 3 heartbeat "

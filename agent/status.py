@@ -52,6 +52,10 @@ class SyncStatus:
         """Count one Redis message by result (applied|duplicate|invalid|foreign)."""
         self.metrics.messages_by_result[result].inc()
 
+    def count_db_refused(self) -> None:
+        """Count one connection PostgreSQL refused because it was full."""
+        self.metrics.db_refused.inc()
+
     def count_deaf(self) -> None:
         """Count one deaf subscription made again."""
         self.metrics.redis_deaf.inc()

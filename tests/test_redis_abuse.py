@@ -206,12 +206,6 @@ print(json.dumps({"sent": sent, "seconds": time.monotonic() - start}), flush=Tru
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "RedisEvents._listen never yields to the event loop while redis-py has messages "
-    "buffered (StreamReader.read returns buffered data without a checkpoint): during a "
-    "flood the fetcher and every other task of the agent wait, and a real change "
-    "waits seconds. Fix: `await anyio.lowlevel.checkpoint()` after each message in "
-    "agent/sources/redis_events.py; then remove this mark."))
 async def test_flood_of_10k_messages_per_second_does_not_delay_a_real_change(
         db: asyncpg.Connection, db_url: str, redis_url: str, org: str) -> None:
     """Real changes during a 5 s flood at 10k messages/s arrive in 100 ms, if the agent keeps up.

@@ -14,13 +14,23 @@ ROLE_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
 GRANT_READER = "SELECT config_agent_grant_reader($1, $2, $3)"
 
 
-async def grant_reader(conn: asyncpg.Connection, org_id: str, role: str, password: str | None) -> None:
-    """Create or update the LOGIN role `role` that reads only `org_id` and writes nothing."""
+async def grant_reader(conn: asyncpg.Connection, org_id: str, role: str, password: str | None,
+                       connection_limit: int | None = None) -> None:
+    """Create or update the LOGIN role `role` that reads only `org_id` and writes nothing.
+
+    `connection_limit` caps the role's sessions (CONNECTION LIMIT; -1 = none), so that a
+    fleet of agents larger than the server's slots always leaves room for other clients.
+    """
     check_name("org", org_id)
     if not ROLE_RE.match(role):
         raise UsageError(f"invalid role {role!r}: must match {ROLE_RE.pattern}")
+    if connection_limit is not None and connection_limit < -1:
+        raise UsageError("--connection-limit must be -1 (none) or a number of sessions")
     try:
         await conn.execute(GRANT_READER, role, org_id, password)
+        if connection_limit is not None:
+            # ROLE_RE admits no quote: the quoted identifier is safe.
+            await conn.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {int(connection_limit)}')
     except asyncpg.UndefinedFunctionError as exc:
         raise DatabaseError("schema not migrated: run `config-agent migrate` first") from exc
     except asyncpg.PostgresError as exc:

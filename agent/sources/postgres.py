@@ -29,11 +29,22 @@ CASE WHEN NOT row_security_active('service_configs')
           OR pg_has_role('config_agent_writer', 'USAGE') THEN NULL
      ELSE coalesce(config_agent_reader_org(current_user::text), '') END
 """
+# Connection slots left for ordinary clients: a crowded server gets each agent's slot
+# back right after its read (PgSource.crowded) instead of agents holding idle ones.
+# It counts the server's slots and, when the role has a CONNECTION LIMIT (grant-reader
+# --connection-limit), the role's own budget: what keeps slots free for other clients.
+FREE_SLOTS = """(SELECT least(
+        current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+            - count(*)::int,
+        (SELECT nullif(rolconnlimit, -1) FROM pg_roles WHERE rolname = current_user)
+            - count(*) FILTER (WHERE usename = current_user)::int)
+   FROM pg_stat_activity WHERE backend_type = 'client backend')"""
 ORG_ACCESS = f"SELECT current_user::text AS role_name, {READER_ORG} AS reader_org"
 # Entries live now (deleted ones are not served), plus the org revision and whether
 # this role may read the org at all.
 WARM_LOAD = f"""
 SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
+       {FREE_SLOTS} AS free_slots,
        current_user::text AS role_name, {READER_ORG} AS reader_org,
        c.service, c.key, c.value::text AS value, c.version, c.revision, c.deleted,
        c.updated_at
@@ -42,8 +53,9 @@ SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
     ON c.org_id = $1 AND NOT c.deleted AND ($2::text[] IS NULL OR c.service = ANY($2))
 """
 # Every change after a revision, in revision order, plus the org revision.
-CHANGES_SINCE = """
+CHANGES_SINCE = f"""
 SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
+       {FREE_SLOTS} AS free_slots,
        h.service, h.key, h.new_value::text AS value, h.version, h.revision, h.deleted,
        h.changed_at AS updated_at
   FROM (SELECT 1) AS one
@@ -55,9 +67,11 @@ SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
          LIMIT $4) h ON true
 """
 DELTA_PAGE = 5000
-# After PostgreSQL refused a connection (too many clients), close the connection after
-# every read for this long, so that a crowded server gets its slots back at once.
+# After PostgreSQL refused a connection (too many clients), or showed fewer than
+# CROWDED_FREE_SLOTS free connection slots, close the connection after every read for
+# this long, so that a crowded server gets its slots back at once.
 CROWDED_SECONDS = 30.0
+CROWDED_FREE_SLOTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +165,11 @@ class PgSource:
         return _rows_to_fetched(rows, self._page)
 
     @property
+    def crowded(self) -> bool:
+        """True while the server is (recently was) short of connection slots."""
+        return self._crowded_until > time.monotonic()
+
+    @property
     def connected(self) -> bool:
         """True while a connection is open (it may still turn out broken)."""
         return self._conn is not None and not self._conn.is_closed()
@@ -196,7 +215,10 @@ class PgSource:
         self.last_used = time.monotonic()
         try:
             rows = list(await self._conn.fetch(sql, *args, timeout=30))
-            if self._crowded_until > self.last_used:
+            free = rows[0].get("free_slots") if rows else None
+            if free is not None and free < CROWDED_FREE_SLOTS:
+                self._crowded_until = self.last_used + CROWDED_SECONDS
+            if self.crowded:
                 await self.close()
             return rows
         except CONNECTION_ERRORS as exc:

@@ -136,6 +136,9 @@ class RedisEvents:
             self._on_heard(heartbeat)
             if not heartbeat:
                 self._on_message(msg["channel"], msg["data"])
+            # redis-py hands out buffered messages without yielding: during a flood the
+            # fetch a real announcement asked for must still get its turn.
+            await anyio.lowlevel.checkpoint()
 
 
 class _Session:

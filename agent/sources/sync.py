@@ -32,6 +32,8 @@ log = logging.getLogger("agent.sync")
 # Re-reads while the database shows an older version than announced (a replica
 # behind, or a publish that overtook the commit): 5 ms doubling to at most 0.5 s, so
 # seconds of replica lag cost a few queries and add at most ~0.5 s.
+# Fetch spread while PostgreSQL is short of connection slots (PgSource.crowded).
+CROWDED_SPREAD = 1.0
 LAG_CHASE_FIRST = 0.005
 LAG_CHASE_CAP = 0.5
 # Source precedence when several requests coalesce into one fetch.
@@ -70,8 +72,10 @@ class Syncer:
         self.db_idle_timeout = db_idle_timeout
         self._clock = clock
         self._db_backoff = db_backoff or Backoff(initial=0.5, cap=30.0)
-        # PostgreSQL refusing connections (too many clients): retry soon, spread widely.
-        self._busy_backoff = Backoff(initial=0.05, cap=2.0, jitter=0.5)
+        # PostgreSQL refusing connections (too many clients): retry within a second or two,
+        # with full jitter (a retry that finds the server still full costs it a process).
+        self._busy_backoff = Backoff(initial=0.25, cap=2.0, jitter=1.0)
+        self._said_busy = False  # one warning per spell of refused connections
         self.lag_chase_timeout = lag_chase_timeout
         self.fetch_jitter = fetch_jitter
         self._wanted = anyio.Event()
@@ -115,7 +119,7 @@ class Syncer:
             except SourceError as exc:
                 self.status.set_db(False, str(exc))
                 delay = self._retry_delay(exc)
-                log.warning("cannot load from PostgreSQL (%s); retrying in %.1fs", exc, delay)
+                self._log_retry("cannot load from PostgreSQL", exc, delay)
                 await anyio.sleep(delay)
 
     # -- inputs from Redis -----------------------------------------------------
@@ -193,27 +197,46 @@ class Syncer:
             await self._wanted.wait()
             self._wanted = anyio.Event()
             source, self._wanted_source = self._wanted_source or "reconcile", None
-            if self._jitter_due and self.fetch_jitter > 0:
-                # Spread a fleet's fetches of one announcement over a few milliseconds.
+            if self._jitter_due:
+                # Spread a fleet's fetches of one announcement: over a few milliseconds, or
+                # over a second while the server is short of connection slots (each agent
+                # then connects for its read, and connects cost the server a process each).
                 self._jitter_due = False
-                await anyio.sleep(random.uniform(0, self.fetch_jitter))
+                spread = max(self.fetch_jitter, CROWDED_SPREAD) if self.source.crowded else self.fetch_jitter
+                if spread > 0:
+                    await anyio.sleep(random.uniform(0, spread))
             try:
                 await self._fetch_all(source)
                 self._after_fetch()
                 self._db_backoff.reset()
                 self._busy_backoff.reset()
+                self._said_busy = False
             except SourceError as exc:
                 self.status.set_db(False, str(exc))
                 self.request(source)
                 delay = self._retry_delay(exc)
-                log.warning("PostgreSQL read failed (%s); retrying in %.1fs", exc, delay)
+                self._log_retry("PostgreSQL read failed", exc, delay)
                 await anyio.sleep(delay)
 
     def _retry_delay(self, exc: SourceError) -> float:
         """Soon and widely spread when the server is full, else the normal backoff."""
         if isinstance(exc, DatabaseBusyError):
+            self.status.count_db_refused()
             return self._busy_backoff.next()
+        self._said_busy = False
         return self._db_backoff.next()
+
+    def _log_retry(self, what: str, exc: SourceError, delay: float) -> None:
+        """A refused connection is logged once per spell (a full server refuses thousands)."""
+        if isinstance(exc, DatabaseBusyError):
+            if self._said_busy:
+                log.debug("%s (%s); retrying in %.2fs", what, exc, delay)
+                return
+            self._said_busy = True
+            log.warning("%s (%s); retrying within %.1fs, quietly while it stays full "
+                        "(config_agent_db_refused_total counts)", what, exc, self._busy_backoff.cap)
+            return
+        log.warning("%s (%s); retrying in %.1fs", what, exc, delay)
 
     async def _fetch_all(self, source: str) -> None:
         while True:
