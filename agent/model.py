@@ -24,7 +24,7 @@ MAX_TS_AHEAD = 24 * 3600.0
 
 def check_name(kind: str, name: str) -> str:
     """Return `name` if it is a valid org/service/key name, else raise UsageError."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UsageError(f"invalid {kind} {name!r}: {NAME_RULE}")
     return name
 

@@ -157,14 +157,14 @@ class Settings(BaseSettings):
     @classmethod
     def _check_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
-            if not NAME_RE.match(name):
+            if not NAME_RE.fullmatch(name):
                 raise ValueError(f"service {name!r} {NAME_RULE}")
         return value
 
     @field_validator("org_id")
     @classmethod
     def _check_org(cls, value: str | None) -> str | None:
-        if value is not None and not NAME_RE.match(value):
+        if value is not None and not NAME_RE.fullmatch(value):
             raise ValueError(NAME_RULE)
         return value
 

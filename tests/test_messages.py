@@ -145,3 +145,15 @@ async def test_out_of_order_and_duplicate_announcements(db: asyncpg.Connection, 
         await anyio.sleep(0.5)
         assert agent_state(agent) == {("ai", "t"): (5, 5)}
         assert agent.store.snapshot.revision == 5
+
+
+def test_a_name_with_a_trailing_newline_is_refused_everywhere() -> None:
+    # Python's `$` matches before a final newline: every check must use fullmatch.
+    from agent.errors import UsageError
+    from agent.model import check_name
+    from agent.settings import load_settings
+
+    with pytest.raises(UsageError):
+        check_name("service", "ai\n")
+    with pytest.raises(UsageError, match="CONFIG_AGENT_ORG_ID"):
+        load_settings(org_id="acme\n")

@@ -87,7 +87,7 @@ class ApiApp:
         path: str = scope["path"]
         if path.startswith("/v1/configs/"):
             parts = path[len("/v1/configs/") :].split("/")
-            if len(parts) > 2 or not all(NAME_RE.match(part) for part in parts):
+            if len(parts) > 2 or not all(NAME_RE.fullmatch(part) for part in parts):
                 raise BadRequest("no such service or key", 404)
             _check_method(scope)
             if len(parts) == 1:
