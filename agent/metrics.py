@@ -78,7 +78,7 @@ class Metrics:
         self.db_refused = Counter(
             "config_agent_db_refused",
             "Connections PostgreSQL refused because it was full (too many clients, or the role's "
-            "CONNECTION LIMIT); the agent retries within 2 s.", registry=r,
+            "CONNECTION LIMIT); the agent retries within 2 s at most.", registry=r,
         )
         self.redis_deaf = Counter(
             "config_agent_redis_deaf",

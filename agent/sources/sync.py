@@ -72,9 +72,9 @@ class Syncer:
         self.db_idle_timeout = db_idle_timeout
         self._clock = clock
         self._db_backoff = db_backoff or Backoff(initial=0.5, cap=30.0)
-        # PostgreSQL refusing connections (too many clients): retry within a second or two,
+        # PostgreSQL refusing connections (too many clients): retry within 0.2 s to 2 s,
         # with full jitter (a retry that finds the server still full costs it a process).
-        self._busy_backoff = Backoff(initial=0.25, cap=2.0, jitter=1.0)
+        self._busy_backoff = Backoff(initial=0.1, cap=1.0, jitter=1.0)
         self._said_busy = False  # one warning per spell of refused connections
         self.lag_chase_timeout = lag_chase_timeout
         self.fetch_jitter = fetch_jitter
