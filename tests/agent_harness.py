@@ -61,3 +61,18 @@ def metric(agent: Agent, name: str, labels: dict[str, str] | None = None) -> flo
     """A sample value from the agent's registry (0 when absent)."""
     value = agent.metrics.registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+
+async def wait_http_ready(base_url: str, timeout: float, path: str = "/readyz") -> None:
+    """Poll `path` of a starting process until it answers 200 (fail after `timeout`)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    if (await client.get(path)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.05)

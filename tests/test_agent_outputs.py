@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from agent.db.writer import ConfigWriter
-from tests.agent_harness import eventually, running_agent
+from tests.agent_harness import eventually, running_agent, wait_http_ready
 from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
@@ -66,15 +66,8 @@ async def test_relay_probes_and_metrics(db: asyncpg.Connection, db_url: str, red
                 "CONFIG_AGENT_METRICS_PORT": str(port), "CONFIG_AGENT_METRICS_HOST": "127.0.0.1"})
     relay = subprocess.Popen([sys.executable, "-m", "agent", "relay"], env=env)
     try:
+        await wait_http_ready(f"http://127.0.0.1:{port}", 20)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            with anyio.fail_after(20):
-                while True:
-                    try:
-                        if (await client.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.1)
             assert (await client.get("/healthz")).status_code == 200
             metrics = (await client.get("/metrics")).text
             assert "config_relay_db_connected 1.0" in metrics

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from agent.db.writer import ConfigWriter
+from tests.agent_harness import wait_http_ready
 from tests.servers import free_port
 
 pytestmark = pytest.mark.anyio
@@ -66,15 +66,7 @@ async def test_a_change_reaches_1000_long_polls_and_300_streams(
                                          stdout=log, stderr=log)
         streams: list[anyio.abc.SocketStream] = []
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                with anyio.fail_after(30):
-                    while True:
-                        try:
-                            if (await client.get("/readyz")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        await anyio.sleep(0.05)
+            await wait_http_ready(f"http://127.0.0.1:{port}", 30)
             rss_ready = rss_bytes(agent.pid)
             readers: list[BufferedByteReceiveStream] = []
             with anyio.fail_after(30):
