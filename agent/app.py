@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from agent.credentials import watch_credentials
 from agent.errors import OrgNotReadableError, SourceError, UsageError
 from agent.metrics import Metrics
+from agent.redis_client import parse_redis_url
 from agent.settings import Settings
 from agent.sources.postgres import PgSource
 from agent.sources.redis_events import RedisEvents
@@ -62,6 +63,10 @@ class Agent:
             fetch_jitter=settings.fetch_jitter,
         )
         self.events = None
+        if settings.redis_url and settings.redis_channels == "sharded" \
+                and parse_redis_url(settings.redis_url).kind != "cluster":
+            raise UsageError("CONFIG_AGENT_REDIS_CHANNELS=sharded needs a redis+cluster:// "
+                             "CONFIG_AGENT_REDIS_URL for agents (publishers may use it on one server)")
         if settings.redis_url:
             self.events = RedisEvents(
                 settings.redis_url, org_id,

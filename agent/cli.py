@@ -1,4 +1,4 @@
-"""Command line: parse flags, build Settings, dispatch. Exit codes: 0 ok, 1 runtime, 2 usage, 3 conflict."""
+"""Command line: parse flags, build Settings, dispatch. Exit codes: 0 ok, 1 runtime, 2 usage, 3 conflict, 130 Ctrl-C."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PATH_SETTINGS = ("output_dir", "state_dir", "socket_path", "signal_pidfile",
 CONNECTION_FLAGS = (
     ("--database-url", "PostgreSQL URL"),
     ("--database-password-file", "file holding the PostgreSQL password"),
-    ("--redis-url", "redis:// or rediss:// URL"),
+    ("--redis-url", "redis://, rediss://, redis+sentinel://…/service or redis+cluster://… URL"),
     ("--redis-password-file", "file holding the Redis password"),
     ("--redis-ca-file", "CA bundle for rediss://"),
     ("--database-pool-mode", "session (direct, default) or transaction (behind a transaction-pooling PgBouncer)"),

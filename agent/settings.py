@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # redis://, rediss://, redis+sentinel://…/service, redis+cluster://seed,seed (README "Scaling out")
     redis_url: str | None = None
     # Announcement channels: classic (config:{org}:{service}:{key}, PSUBSCRIBE), sharded (one
-    # config:{{org}} channel per org, SSUBSCRIBE; the default for a cluster URL), or both
+    # config:{org} channel per org, SSUBSCRIBE, agents on a cluster URL only; the default for a cluster URL), or both
     # (publishers only: during a migration to a cluster). auto = sharded for a cluster URL.
     redis_channels: Literal["auto", "classic", "sharded", "both"] = "auto"
     # The relay publishes a heartbeat per org this often; an agent that hears nothing for

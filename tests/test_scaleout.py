@@ -26,6 +26,7 @@ from agent.app import Agent
 from agent.db.writer import ConfigWriter
 from agent.errors import UsageError
 from agent.redis_client import parse_redis_url
+from agent.settings import load_settings
 from tests.agent_harness import agent_state, db_state, eventually, metric, running_agent
 from tests.scaleout import (
     PrivatePgBouncer,
@@ -116,6 +117,9 @@ def test_redis_urls_parse_and_bad_ones_say_what_is_wrong() -> None:
                        ("redis+sentinel://h/x", "host:port"), ("http://h", "must start with")]:
         with pytest.raises(UsageError, match=words):
             parse_redis_url(bad)
+    with pytest.raises(UsageError, match="needs a redis\\+cluster:// CONFIG_AGENT_REDIS_URL for agents"):
+        Agent(load_settings(org_id="a", database_url="postgresql://x@127.0.0.1:1/x", redis_url="redis://h:1",
+                            redis_channels="sharded"))
     proc = run_cli("once", env={"CONFIG_AGENT_REDIS_URL": "redis+sentinel://h:1", "CONFIG_AGENT_ORG_ID": "a",
                                 "CONFIG_AGENT_DATABASE_URL": "postgresql://x@127.0.0.1:1/x"})
     assert proc.returncode == 2
