@@ -305,8 +305,10 @@ class RedisPublisher:
     async def _send(self, classic: str, sharded: str, payload: str) -> None:
         if isinstance(self._client, RedisCluster) and self._stale_topology:
             # First use, or after an error: learn which node owns which slot (again).
-            await self._client.initialize() if not self._client.nodes_manager.slots_cache \
-                else await self._client.nodes_manager.initialize()
+            if self._client.nodes_manager.slots_cache:
+                await self._client.nodes_manager.initialize()
+            else:
+                await self._client.initialize()
             self._stale_topology = False
         if "classic" in self.forms:
             if isinstance(self._client, RedisCluster):

@@ -15,15 +15,21 @@ from tests.servers import free_port
 
 
 @asynccontextmanager
-async def running_agent(**overrides: Any) -> AsyncIterator[Agent]:
-    """Start an agent with test-friendly defaults; stop it on exit."""
+async def running_agent(*, wait_ready: bool = True, **overrides: Any) -> AsyncIterator[Agent]:
+    """Start an agent with test-friendly defaults; stop it on exit.
+
+    `wait_ready=False` yields at once, for an agent that may never become ready.
+    """
     options: dict[str, Any] = {"http_port": free_port(), "metrics_port": free_port()}
     options.update(overrides)
     agent = Agent(load_settings(**options))
     try:
         async with anyio.create_task_group() as tg:
-            with anyio.fail_after(30):
-                await tg.start(agent.run)
+            if wait_ready:
+                with anyio.fail_after(30):
+                    await tg.start(agent.run)
+            else:
+                tg.start_soon(agent.run)
             try:
                 yield agent
             finally:

@@ -23,9 +23,8 @@ import pytest
 from agent.app import Agent
 from agent.db.roles import grant_reader
 from agent.db.writer import ConfigWriter
-from agent.settings import load_settings
 from tests.agent_harness import agent_state, eventually, running_agent
-from tests.servers import free_port, run_cli
+from tests.servers import run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -50,24 +49,6 @@ async def reader_role(db: asyncpg.Connection, org: str, tmp_path: Path) -> Async
         await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
-@asynccontextmanager
-async def started_agent(**overrides: object) -> AsyncIterator[Agent]:
-    """Run an agent without waiting for it to become ready (it may never be)."""
-    options: dict[str, object] = {"http_port": free_port(), "metrics_port": free_port()}
-    options.update(overrides)
-    agent = Agent(load_settings(**options))
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(agent.run)
-            try:
-                yield agent
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await agent.source.close()
-
-
 async def readyz(agent: Agent) -> int:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{agent.settings.metrics_port}/readyz")
@@ -90,7 +71,7 @@ async def test_reader_of_another_org_stays_unready_says_why_and_recovers_when_gr
 
     async with reader_role(db, other, tmp_path) as (role, pw_file):
         caplog.set_level(logging.INFO)
-        async with started_agent(org_id=org, database_url=role_url(db_url, role),
+        async with running_agent(wait_ready=False, org_id=org, database_url=role_url(db_url, role),
                                  database_password_file=pw_file, state_dir=state_dir) as agent:
             await eventually(lambda: any("may not read org" in r.getMessage() for r in caplog.records),
                              15, "a log line saying the role may not read the org")

@@ -179,7 +179,6 @@ class _ServerSession(_Session):
         return msg
 
 
-
 class _ClusterSession(_Session):
     """SSUBSCRIBE the org's sharded channel on the node that owns its slot."""
 
