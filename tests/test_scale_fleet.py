@@ -56,7 +56,9 @@ def test_200_agents_direct_against_50_connections_all_converge_and_leave_room_fo
     assert run["missed"] == 0, f"{run['missed']} agent-changes not applied 15 s after the last change"
     assert run["last_agent_ms"]["max"] < 15000, run["last_agent_ms"]
     # Another role connected every 100 ms from the first change until every agent had the last.
-    assert run["probe"]["attempts"] >= 10
+    # One attempt can take over a second while 150 backends start, and a fast run ends in
+    # under 3 s: at least one attempt per change, none refused.
+    assert run["probe"]["attempts"] >= 3, run["probe"]
     assert run["probe"]["failures"] == 0, run["probe"]
 
 
