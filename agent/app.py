@@ -81,6 +81,17 @@ class Agent:
                 # The relay sends heartbeats to orgs it knows: those with an entry.
                 expect_heartbeat=lambda: self.store.snapshot.revision > 0,
             )
+        self.reporter = None
+        if settings.redis_url and settings.fleet_report_interval > 0:
+            from agent.fleet import FleetReporter, default_agent_name
+
+            self.reporter = FleetReporter(
+                settings.redis_url, org_id, settings.agent_name or default_agent_name(),
+                settings.agent_namespace, settings.services, settings.fleet_report_interval,
+                snapshot=lambda: self.store.snapshot, wait_newer=self.store.wait_newer,
+                status=self.status, password_file=settings.redis_password_file,
+                ca_file=settings.redis_ca_file,
+            )
         self.listening: Listening | None = None  # where the API listens, once started
         self.file_sink = None
         if settings.output_dir is not None:
@@ -93,6 +104,9 @@ class Agent:
         """Serve, subscribe, warm-load, then keep in sync; `started` once ready."""
         async with anyio.create_task_group() as tg:
             await self._start_servers(tg)
+            if self.reporter is not None:
+                # From the start: an agent that cannot load shows up as unready, not absent.
+                tg.start_soon(self.reporter.run)
             # Subscribe first, then load: no window in which a change can be missed.
             if self.events is not None:
                 await tg.start(self.events.run)

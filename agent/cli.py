@@ -1,4 +1,7 @@
-"""Command line: parse flags, build Settings, dispatch. Exit codes: 0 ok, 1 runtime, 2 usage, 3 conflict, 130 Ctrl-C."""
+"""Command line: parse flags, build Settings, dispatch.
+
+Exit codes: 0 ok, 1 runtime, 2 usage, 3 conflict, 4 `--wait` timed out, 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -64,6 +67,10 @@ AGENT_FLAGS = (
     ("--lag-chase-timeout", "seconds to chase an announced version the read database does not "
                             "show yet (default 15)"),
     ("--fetch-jitter", "a fetch after an announcement waits a random 0..this many seconds (default 0)"),
+    ("--agent-name", "this agent in `status` and `set --wait` (default: hostname-pid; the chart: the pod)"),
+    ("--agent-namespace", "the pod's namespace, shown beside the name"),
+    ("--fleet-report-interval", "seconds between idle reports of the applied revision to Redis "
+                                "(default 10, 0 = off)"),
     ("--fallback-poll-interval", "seconds between revision polls while Redis is down (default 5)"),
     ("--stale-after", "seconds without a successful sync before stale (default 600)"),
     ("--db-idle-timeout", "close the idle read connection after this many seconds (default 60, 0 = never)"),
@@ -95,6 +102,21 @@ def _writer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-version", type=int, default=None,
                         help="fail with exit 3 unless the entry is at this version (0 = must not exist)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--wait", nargs="?", type=_percent, const=100.0, default=None, metavar="PERCENT",
+                        help="after the commit, wait until PERCENT (default 100) of the org's live agents "
+                             "that serve the service report the change's revision; exit 4 on --timeout")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long --wait waits (default 30)")
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage in (0, 100]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("org"), p.add_argument("service"), p.add_argument("key")
     _writer_flags(p)
 
+    p = command("status", "list the org's live agents, laggards first: revision, lag, stale, connections")
+    p.add_argument("org")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     p = command("grant-reader", "create/update a tenant's read-only database role and print its Redis ACL")
     p.add_argument("--org", required=True, help="the tenant the role may read")
     p.add_argument("--role", required=True, help="the LOGIN role (also the Redis ACL user name)")
@@ -167,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "start embedded PostgreSQL and Redis, seed org acme, run relay and agent")
     _add_flags(p, (("--http-port", "local API port (default 8790)"),))
+
+    from agent.inject.commands import add_parsers
+
+    add_parsers(sub, _common)
     return parser
 
 

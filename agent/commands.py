@@ -7,6 +7,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from agent.db.connect import connect, read_secret
 from agent.db.migrate import migrate
 from agent.db.writer import ConfigWriter, WriteResult
 from agent.errors import RedisError, UsageError
+from agent.fleet import FleetProgress, describe_agent, fleet_rows
+from agent.inject.commands import cmd_helm_values, cmd_inject
 from agent.model import parse_value
 from agent.settings import Settings
 
@@ -31,11 +34,14 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "get": cmd_read,
         "list": cmd_read,
         "history": cmd_read,
+        "status": cmd_status,
         "grant-reader": cmd_grant_reader,
         "run": cmd_run,
         "once": cmd_once,
         "relay": cmd_relay,
         "demo": cmd_demo,
+        "inject": lambda args, _: cmd_inject(args),
+        "helm-values": lambda args, _: cmd_helm_values(args),
     }
     return handlers[args.command](args, settings)
 
@@ -80,26 +86,110 @@ def cmd_write(args: argparse.Namespace, settings: Settings) -> int:
             text = text.strip()
         value = parse_value(text, as_string=args.string)
 
-    async def go() -> WriteResult:
+    if args.wait is not None:
+        settings.require("redis_url")  # before the write: --wait must be able to read the reports
+        if args.timeout <= 0:
+            raise UsageError("--timeout must be a positive number of seconds")
+
+    async def go() -> tuple[WriteResult, FleetProgress | None]:
         writer = await _writer(settings)
         async with writer:
             if args.command == "set":
-                return await writer.set(args.org, args.service, args.key, value, actor=actor,
-                                        reason=args.reason, expect_version=args.expect_version)
-            if args.command == "delete":
-                return await writer.delete(args.org, args.service, args.key, actor=actor,
-                                           reason=args.reason, expect_version=args.expect_version)
-            return await writer.rollback(args.org, args.service, args.key,
-                                         to_version=args.to_version, actor=actor,
-                                         reason=args.reason, expect_version=args.expect_version)
+                result = await writer.set(args.org, args.service, args.key, value, actor=actor,
+                                          reason=args.reason, expect_version=args.expect_version)
+            elif args.command == "delete":
+                result = await writer.delete(args.org, args.service, args.key, actor=actor,
+                                             reason=args.reason, expect_version=args.expect_version)
+            else:
+                result = await writer.rollback(args.org, args.service, args.key,
+                                               to_version=args.to_version, actor=actor,
+                                               reason=args.reason, expect_version=args.expect_version)
+            if args.wait is None:
+                return result, None
+            if not args.json:
+                print(_written(args.command, result), flush=True)
+            shown = ProgressLine(sys.stderr)
+            try:
+                return result, await writer.wait_for_agents(result, percent=args.wait, wait_at_most=args.timeout,
+                                                            on_progress=shown.update)
+            finally:
+                shown.end()
 
-    result = run_async(go)
-    what = {"set": "set", "delete": "deleted", "rollback": "rolled back"}[args.command]
-    emit(args, result.to_dict(), lambda: (
-        f"{what} {result.org_id}/{result.service}/{result.key}: version {result.version}, "
-        f"revision {result.revision}" if result.changed else
-        f"unchanged {result.org_id}/{result.service}/{result.key}: still version {result.version}"
-    ))
+    result, fleet = run_async(go)
+    if fleet is None:
+        emit(args, result.to_dict(), lambda: _written(args.command, result))
+        return 0
+    if args.json:
+        print(json.dumps(result.to_dict() | {"wait": fleet.to_dict()}, ensure_ascii=False))
+    if fleet.reached:
+        if not args.json:
+            print(f"served: {fleet.line()}" if fleet.total else
+                  f"no live agent of org {result.org_id} serves {result.service}: nothing to wait for")
+        return 0
+    now = time.time()
+    print(f"config-agent: error: --wait timed out: {fleet.line()}; {len(fleet.lagging)} lagging:",
+          file=sys.stderr)
+    for report in fleet.lagging:
+        print(f"  {describe_agent(report, now)}", file=sys.stderr)
+    return 4
+
+
+def _written(command: str, result: WriteResult) -> str:
+    what = {"set": "set", "delete": "deleted", "rollback": "rolled back"}[command]
+    if result.changed:
+        return (f"{what} {result.org_id}/{result.service}/{result.key}: version {result.version}, "
+                f"revision {result.revision}")
+    return f"unchanged {result.org_id}/{result.service}/{result.key}: still version {result.version}"
+
+
+class ProgressLine:
+    """`set --wait` progress: one line redrawn in place on a terminal, a plain line per change otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last: tuple[int, int] | None = None
+
+    def update(self, state: FleetProgress) -> None:
+        counts = (len(state.served), state.total)
+        if counts == self._last:
+            return
+        self._last = counts
+        if self._tty:
+            self._stream.write(f"\r\x1b[Kwaiting: {state.line()}")
+        else:
+            self._stream.write(f"waiting: {state.line()}\n")
+        self._stream.flush()
+
+    def end(self) -> None:
+        if self._tty and self._last is not None:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """`status ORG`: the org's live agents, laggards first."""
+    settings.require("redis_url")
+
+    async def go() -> tuple[int, list[dict[str, Any]]]:
+        writer = await _writer(settings)
+        async with writer:
+            org_revision, services = await writer.revisions(args.org)
+            reports = await writer.fleet.agents(args.org)
+        return org_revision, fleet_rows(reports, org_revision, services, time.time())
+
+    org_revision, rows = run_async(go)
+    behind = sum(1 for r in rows if r["behind"])
+    stale = sum(1 for r in rows if r["stale"])
+    if args.json:
+        print(json.dumps({"org_id": args.org, "revision": org_revision, "agents": rows}, ensure_ascii=False))
+        return 0
+    shown = [r | {"agent": f"{r['namespace']}/{r['agent']}" if r["namespace"] else r["agent"],
+                  "redis": "up" if r["redis_connected"] else "down", "db": "up" if r["db_connected"] else "down",
+                  "reported": f"{r['report_age_s']:.1f}s ago", "services": ",".join(r["services"]) or "*"}
+             for r in rows]
+    print(table(shown, ("agent", "revision", "behind", "stale", "ready", "redis", "db", "reported", "services")))
+    print(f"org {args.org} at revision {org_revision}: {len(rows)} live agent(s), {behind} behind, {stale} stale")
     return 0
 
 

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     # Off by default: measured, it only added its mean (bench_scale); while the server is
     # short of connection slots the agent spreads fetches over a second anyway.
     fetch_jitter: float = Field(default=0.0, ge=0, le=60)
+    # Who this agent is in `config-agent status` and `set --wait`: the pod name and
+    # namespace (the chart sets both from the downward API); unset: hostname-pid.
+    agent_name: str | None = None
+    agent_namespace: str | None = None
+    # The agent reports its applied revision to Redis on every new revision (at most
+    # 10 a second) and this often when idle; a report lives 3 × this long (0 = no reports).
+    fleet_report_interval: float = Field(default=10.0, ge=0)
     # Revision polling while Redis is down.
     fallback_poll_interval: Seconds = 5.0
     # No successful sync for this long → stale.
@@ -159,6 +166,15 @@ class Settings(BaseSettings):
         for name in value:
             if not NAME_RE.fullmatch(name):
                 raise ValueError(f"service {name!r} {NAME_RULE}")
+        return value
+
+    @field_validator("agent_name", "agent_namespace")
+    @classmethod
+    def _check_agent_name(cls, value: str | None) -> str | None:
+        from agent.fleet import AGENT_NAME_RE, AGENT_NAME_RULE
+
+        if value is not None and not AGENT_NAME_RE.fullmatch(value):
+            raise ValueError(AGENT_NAME_RULE)
         return value
 
     @field_validator("org_id")

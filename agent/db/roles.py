@@ -8,6 +8,7 @@ import asyncpg
 
 from agent.db.connect import describe
 from agent.errors import DatabaseError, UsageError
+from agent.fleet import agent_key, index_key
 from agent.model import check_name, org_pattern, sharded_channel
 
 ROLE_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,62}$")
@@ -44,7 +45,8 @@ def redis_acl_command(org_id: str, user: str, password: str | None, *, sharded: 
     Classic channels: (P)SUBSCRIBE `config:{org}:*` (entries and the relay's heartbeat).
     Sharded: SSUBSCRIBE `config:{org}`. A cluster client also asks for the topology
     (CLUSTER SLOTS) and the command table (COMMAND), neither of which reveals data.
-    Always PING (health checks).
+    Always PING (health checks). Fleet reports (README "Did every pod get it?"): write,
+    never read, its own org's report keys and index: SET, ZADD, DEL, ZREM.
     """
     check_name("org", org_id)
     if not ROLE_RE.match(user):
@@ -57,4 +59,5 @@ def redis_acl_command(org_id: str, user: str, password: str | None, *, sharded: 
                  "+punsubscribe"]
     if cluster:
         rules += ["+cluster|slots", "+command"]
-    return ["ACL", "SETUSER", user, "reset", "on", secret, "resetchannels", *rules, "+ping"]
+    reports = [f"%W~{index_key(org_id)}", f"%W~{agent_key(org_id, '*')}", "+set", "+zadd", "+del", "+zrem"]
+    return ["ACL", "SETUSER", user, "reset", "on", secret, "resetchannels", *rules, *reports, "+ping"]

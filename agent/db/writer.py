@@ -17,6 +17,7 @@ import builtins
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,7 @@ import asyncpg
 
 from agent.db.connect import connect, describe
 from agent.errors import ConflictError, DatabaseError, NotFoundError, UsageError
+from agent.fleet import FleetProgress, FleetReader, wait_for_fleet
 from agent.model import Announcement, check_name, encode_value
 from agent.redis_client import RedisPublisher, publish_forms
 
@@ -66,6 +68,14 @@ SELECT id, org_id, service, key, version, revision, action, old_value::text AS o
  WHERE org_id = $1 AND ($2::text IS NULL OR service = $2) AND ($3::text IS NULL OR key = $3)
  ORDER BY revision DESC
  LIMIT $4
+"""
+# The org revision and, per service, the revision of its newest change (a filtered agent
+# is behind only if one of its services moved past its revision).
+SELECT_REVISIONS = """
+SELECT coalesce((SELECT revision FROM config_orgs WHERE org_id = $1), 0) AS org_revision,
+       coalesce((SELECT jsonb_object_agg(service, revision)::text FROM (
+           SELECT service, max(revision) AS revision FROM service_configs WHERE org_id = $1
+            GROUP BY service) s), '{}') AS services
 """
 SELECT_VERSION = """
 SELECT new_value::text AS value, deleted FROM config_history
@@ -108,9 +118,11 @@ def _row_dict(row: asyncpg.Record) -> dict[str, Any]:
 class ConfigWriter:
     """Writes config entries; one connection, one transaction per write."""
 
-    def __init__(self, conn: asyncpg.Connection, publisher: RedisPublisher | None = None) -> None:
+    def __init__(self, conn: asyncpg.Connection, publisher: RedisPublisher | None = None,
+                 fleet: FleetReader | None = None) -> None:
         self._conn = conn
         self._publisher = publisher
+        self._fleet = fleet
 
     @classmethod
     async def open(
@@ -131,18 +143,21 @@ class ConfigWriter:
         """
         conn = await connect(database_url, password_file=password_file,
                              application_name="config-agent-writer", pool_mode=pool_mode)
-        publisher = None
+        publisher = fleet = None
         if redis_url:
             publisher = RedisPublisher(
                 redis_url, password_file=redis_password_file, ca_file=redis_ca_file,
                 forms=publish_forms(redis_url, redis_channels),
             )
-        return cls(conn, publisher)
+            fleet = FleetReader(redis_url, password_file=redis_password_file, ca_file=redis_ca_file)
+        return cls(conn, publisher, fleet)
 
     async def close(self) -> None:
         """Close the connections."""
         if self._publisher is not None:
             await self._publisher.close()
+        if self._fleet is not None:
+            await self._fleet.close()
         await self._conn.close()
 
     async def __aenter__(self) -> ConfigWriter:
@@ -233,6 +248,28 @@ class ConfigWriter:
         except asyncpg.PostgresError as exc:
             raise DatabaseError(describe(exc)) from exc
         return [_row_dict(r) for r in rows]
+
+    @property
+    def fleet(self) -> FleetReader:
+        """The agents' reports (needs the Redis URL)."""
+        if self._fleet is None:
+            raise UsageError("the agents report to Redis: setting redis_url is required "
+                             "(CONFIG_AGENT_REDIS_URL or --redis-url)")
+        return self._fleet
+
+    async def wait_for_agents(self, result: WriteResult, *, percent: float = 100.0, wait_at_most: float = 30.0,
+                              on_progress: Callable[[FleetProgress], None] | None = None) -> FleetProgress:
+        """After a write: wait until PERCENT of the org's live agents that serve the entry's
+        service report its revision (README "Did every pod get it?"); check `.reached`."""
+        return await wait_for_fleet(self.fleet, result.org_id, result.revision, service=result.service,
+                                    percent=percent, wait_at_most=wait_at_most, on_progress=on_progress)
+
+    async def revisions(self, org_id: str) -> tuple[int, dict[str, int]]:
+        """The org revision and each service's newest revision."""
+        check_name("org", org_id)
+        row = await self._fetchrow(SELECT_REVISIONS, org_id)
+        assert row is not None
+        return row["org_revision"], json.loads(row["services"])
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         try:

@@ -152,6 +152,16 @@ config-agent/role: agent
   value: {{ $v.lagChaseTimeout | toString | quote }}
 - name: CONFIG_AGENT_FETCH_JITTER
   value: {{ $v.fetchJitter | toString | quote }}
+- name: CONFIG_AGENT_FLEET_REPORT_INTERVAL
+  value: {{ $v.fleetReportInterval | toString | quote }}
+- name: CONFIG_AGENT_AGENT_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: CONFIG_AGENT_AGENT_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
 - name: CONFIG_AGENT_DATABASE_POOL_MODE
   value: {{ $v.database.poolMode | default "session" | quote }}
 - name: CONFIG_AGENT_REDIS_CHANNELS
