@@ -1,0 +1,87 @@
+"""`config-agent helm-values`: the Injection as values of charts you do not own.
+
+bitnami: the keys Bitnami's charts (and many that copy them) pass through
+         common.tplvalues.render into the pod: initContainers, sidecars,
+         extraVolumes, extraVolumeMounts and extraEnvVars (main container), podLabels.
+grafana: Grafana's chart: extraInitContainers, extraContainers (a YAML *string*
+         put through tpl), extraContainerVolumes, extraVolumeMounts, env (a map), podLabels.
+Built by builder.build, like the webhook's patch, so both add the same objects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from agent.inject.builder import Injection
+
+STYLES = ("bitnami", "grafana")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+
+
+def values_for(injection: Injection, style: str) -> dict[str, Any]:
+    """The values tree for `style` (one of STYLES)."""
+    if style == "bitnami":
+        return {
+            "initContainers": injection.init_containers,
+            "sidecars": injection.containers,
+            "extraVolumes": injection.volumes,
+            "extraVolumeMounts": injection.app_volume_mounts,
+            "extraEnvVars": injection.app_env,
+            "podLabels": injection.pod_labels,
+        }
+    return {
+        "extraInitContainers": injection.init_containers,
+        "extraContainers": to_yaml(injection.containers) if injection.containers else "",
+        "extraContainerVolumes": injection.volumes,
+        "extraVolumeMounts": injection.app_volume_mounts,
+        "env": {e["name"]: e["value"] for e in injection.app_env},
+        "podLabels": injection.pod_labels,
+    }
+
+
+def to_yaml(node: Any, indent: int = 0) -> str:
+    """Block-style YAML of JSON-like data; strings JSON-quoted (valid YAML double-quoted
+    scalars), so no value is ever read back as another type. Ends with a newline."""
+    return "".join(line + "\n" for line in _lines(node, indent))
+
+
+def _scalar(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _key(key: str) -> str:
+    return key if _PLAIN_KEY.fullmatch(key) and key not in ("true", "false", "null", "yes", "no", "on", "off") \
+        else json.dumps(key)
+
+
+def _lines(node: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    lines: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, dict | list) and value:
+                lines.append(f"{pad}{_key(key)}:")
+                lines += _lines(value, indent + 2)
+            else:
+                lines.append(f"{pad}{_key(key)}: {_empty_or_scalar(value)}")
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict | list) and item:
+                inner = _lines(item, indent + 2)
+                lines.append(f"{pad}- {inner[0].lstrip()}")
+                lines += inner[1:]
+            else:
+                lines.append(f"{pad}- {_empty_or_scalar(item)}")
+    else:
+        lines.append(pad + _scalar(node))
+    return lines
+
+
+def _empty_or_scalar(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    return _scalar(value)
