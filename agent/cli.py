@@ -42,6 +42,7 @@ AGENT_FLAGS = (
     ("--database-read-url", "PostgreSQL URL to read from (a replica)"),
     ("--org-id", "the tenant"),
     ("--services", "comma-separated service filter (default: all)"),
+    ("--flag-services", "comma-separated services whose entries are OpenFeature flags (default features)"),
     ("--http-host", "local API address (default 127.0.0.1)"),
     ("--http-port", "local API port (default 8790)"),
     ("--http-max-connections", "open connections to the local API, TCP and socket (default 4096)"),

@@ -120,6 +120,17 @@ class Metrics:
             "Local API connections and requests turned away, by reason (header_timeout, evicted, "
             "connection_limit, watch_limit).", ["reason"], registry=r,
         )
+        # OpenFeature evaluations (agent/flags/): the labels are flag keys that exist as flags
+        # (any other key counts as "(unknown)"), their variants and the reason; never values
+        # or context, so the series are bounded by the flags the writers defined.
+        self.flag_evaluations = Counter(
+            "config_agent_flag_evaluations", "OFREP flag evaluations, by flag, variant and reason "
+            "(STATIC, TARGETING_MATCH, DEFAULT, DISABLED, ERROR).", ["flag", "variant", "reason"], registry=r,
+        )
+        self.flag_errors = Counter(
+            "config_agent_flag_errors", "OFREP flag evaluations that failed, by flag and error code "
+            "(FLAG_NOT_FOUND, PARSE_ERROR, TARGETING_KEY_MISSING, GENERAL).", ["flag", "code"], registry=r,
+        )
 
     def on_applied(self, applied: Applied, source: str) -> None:
         """Update gauges and the propagation histogram after a store apply."""

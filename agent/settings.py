@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     org_id: str | None = None
     # Only these services (comma-separated); empty = all.
     services: Annotated[tuple[str, ...], NoDecode] = ()
+    # Every entry of these services (comma-separated) is an OpenFeature flag, served over
+    # OFREP under its key (the first service listed wins a key held twice); writers validate
+    # flag definitions written to them (agent/flags/definition.py). Empty = no flags.
+    flag_services: Annotated[tuple[str, ...], NoDecode] = ("features",)
     # Local API (loopback only unless http_allow_remote).
     http_host: str = "127.0.0.1"
     http_port: Port = 8790
@@ -153,14 +157,14 @@ class Settings(BaseSettings):
     hook_debounce: float = Field(default=0.2, ge=0)
     hook_timeout: Seconds = 10.0
 
-    @field_validator("services", mode="before")
+    @field_validator("services", "flag_services", mode="before")
     @classmethod
     def _split_services(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("services")
+    @field_validator("services", "flag_services")
     @classmethod
     def _check_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:

@@ -6,6 +6,8 @@
     GET /v1/watch                         Server-Sent Events (see sse.py)
     GET /healthz, /readyz, /v1/status     probes and sync state
     GET /openapi.json                     this API described
+    POST /ofrep/v1/evaluate/flags[/{key}] OpenFeature flag evaluation (agent/flags/ofrep.py)
+    GET /ofrep/v1/configuration           what the OFREP service supports
 
 Every read answers with bytes prepared once per snapshot (render.py). Every
 error is a JSON document with a 4xx status; unknown paths are 404, other
@@ -15,7 +17,11 @@ methods 405 with `Allow`. The same app serves TCP and the Unix socket.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
+from agent.flags.definition import DEFAULT_FLAG_SERVICES
+from agent.flags.ofrep import PREFIX as OFREP_PREFIX
+from agent.flags.ofrep import OfrepRoutes
 from agent.model import NAME_RE
 from agent.sinks import render
 from agent.sinks.openapi import openapi_document
@@ -62,13 +68,14 @@ class ApiApp:
     """The local API of one agent; call `close()` at shutdown to end waiting requests."""
 
     def __init__(self, store: Store, status: SyncStatus, *, heartbeat: float = HEARTBEAT,
-                 max_watchers: int = 2**31) -> None:
+                 max_watchers: int = 2**31, flag_services: Collection[str] = DEFAULT_FLAG_SERVICES) -> None:
         self._store = store
         self._status = status
         refused = status.metrics.http_rejected.labels(reason="watch_limit")
         self.open_requests = OpenRequests(max_watchers, on_full=refused.inc)
         self._watch = WatchStream(store, self.open_requests, heartbeat=heartbeat)
         self._openapi = render.dump_json(openapi_document()) + b"\n"
+        self.ofrep = OfrepRoutes(store, status.metrics, flag_services)
 
     def close(self) -> None:
         """End long-polls and event streams now (server shutdown)."""
@@ -94,6 +101,9 @@ class ApiApp:
                 await self._service(scope, send, parts[0])
             else:
                 await self._entry(scope, send, parts[0], parts[1])
+            return
+        if path.startswith(OFREP_PREFIX):
+            await self.ofrep.serve(scope, receive, send)
             return
         handler = {
             "/v1/configs": self._configs,

@@ -125,7 +125,8 @@ class ApiServer:
         metrics.http_connections.set_function(lambda: self.guard.open)
         self._metrics_guard = ConnectionGuard(_limits(settings, METRICS_MAX_CONNECTIONS))
         watchers = min(settings.http_max_watchers, api_max - api_max // 4)
-        self.app = ApiApp(store, status, heartbeat=heartbeat, max_watchers=max(1, watchers))
+        self.app = ApiApp(store, status, heartbeat=heartbeat, max_watchers=max(1, watchers),
+                          flag_services=settings.flag_services)
         self._probes = ProbesApp(status, metrics.registry)
 
     async def run(self, *, task_status: TaskStatus[Listening] = anyio.TASK_STATUS_IGNORED) -> None:

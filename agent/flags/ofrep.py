@@ -1,0 +1,199 @@
+"""The OpenFeature Remote Evaluation Protocol (OFREP) routes of the local API.
+
+    POST /ofrep/v1/evaluate/flags/{key}   one flag: 200 result, 400/404 {key, errorCode, errorDetails}
+    POST /ofrep/v1/evaluate/flags         every flag: {"flags": [...]}, ETag; If-None-Match → 304
+    GET  /ofrep/v1/configuration          what this flag system supports (polling, types)
+
+The bulk ETag is the snapshot revision plus a hash of the context: a client that
+polls with If-None-Match gets 304 until a write changes the revision (or it sends
+another context). Requests are bounded: a body of at most 64 KiB, received within
+10 s. Nothing a client sends ends in a 500 or changes a value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection
+from typing import Any
+
+import anyio
+from prometheus_client import Counter
+
+import agent
+from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, Result, evaluate, parse_context
+from agent.flags.flagset import FlagSet, flag_set
+from agent.metrics import Metrics
+from agent.sinks.render import dump_json
+from agent.sinks.responses import (
+    JSON,
+    NO_CACHE,
+    BadRequest,
+    Receive,
+    Scope,
+    Send,
+    etag_matches,
+    header,
+    send_body,
+    send_not_modified,
+)
+from agent.store import Snapshot, Store
+
+PREFIX = "/ofrep/"
+EVALUATE = "/ofrep/v1/evaluate/flags"
+CONFIGURATION = "/ofrep/v1/configuration"
+MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT = 10.0
+# Providers that poll should not come more often than this (the agent answers a poll from
+# memory, so this is about the app's network, not the agent's load).
+MIN_POLLING_INTERVAL_MS = 1000
+RETRY_AFTER = (b"retry-after", b"1")
+ALLOW_POST = (b"allow", b"POST")
+ALLOW_GET = (b"allow", b"GET, HEAD")
+
+
+def configuration_document() -> dict[str, Any]:
+    """The `/ofrep/v1/configuration` answer (OFREP configurationResponse)."""
+    return {
+        "name": "config-agent",
+        "capabilities": {
+            "cacheInvalidation": {"polling": {"enabled": True, "minPollingIntervalMs": MIN_POLLING_INTERVAL_MS}},
+            "flagEvaluation": {"supportedTypes": ["int", "float", "string", "boolean", "object"]},
+        },
+    }
+
+
+class OfrepRoutes:
+    """Serves the OFREP paths for one store."""
+
+    def __init__(self, store: Store, metrics: Metrics, flag_services: Collection[str]) -> None:
+        self._store = store
+        self._flag_services = tuple(flag_services)
+        self._evaluations = metrics.flag_evaluations
+        self._errors = metrics.flag_errors
+        self._counters: dict[tuple[str, str, str], Counter] = {}
+        self._error_counters: dict[tuple[str, str], Counter] = {}
+        self._last: FlagSet | None = None
+        self._configuration = dump_json(configuration_document()) + b"\n"
+        self._configuration_etag = b'"%s"' % agent.__version__.encode()
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer one request under /ofrep/ (BadRequest for paths and methods we do not serve)."""
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path == CONFIGURATION:
+            if method not in ("GET", "HEAD"):
+                raise BadRequest(f"method {method} not allowed", 405, [ALLOW_GET])
+            await self._send_configuration(scope, send)
+            return
+        if path != EVALUATE and not path.startswith(EVALUATE + "/"):
+            raise BadRequest("no such path", 404)
+        if method != "POST":
+            raise BadRequest(f"method {method} not allowed", 405, [ALLOW_POST])
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client went away
+        snapshot = self._loaded()
+        if path == EVALUATE:
+            await self._bulk(scope, send, snapshot, body)
+        else:
+            await self._single(send, snapshot, path[len(EVALUATE) + 1:], body)
+
+    def flags(self, snapshot: Snapshot) -> FlagSet:
+        """The flag set of `snapshot`, reusing unchanged flags of the last one."""
+        flags = flag_set(snapshot, self._flag_services, self._last)
+        self._last = flags
+        return flags
+
+    async def _single(self, send: Send, snapshot: Snapshot, key: str, body: bytes) -> None:
+        flags = self.flags(snapshot)
+        try:
+            context, _ = parse_context(body)
+        except RequestError as exc:
+            label = key if key in flags.flags else UNKNOWN_FLAG
+            self._count(label, "", "ERROR", str(exc.code))
+            document = {"key": key, "errorCode": str(exc.code), "errorDetails": exc.details}
+            await send_body(send, 400, dump_json(document), JSON)
+            return
+        result = evaluate(flags, key, context)
+        self._record(result)
+        await send_body(send, result.status, dump_json(result.document), JSON)
+
+    async def _bulk(self, scope: Scope, send: Send, snapshot: Snapshot, body: bytes) -> None:
+        try:
+            context, sent = parse_context(body)
+        except RequestError as exc:
+            document = {"errorCode": str(exc.code), "errorDetails": exc.details}
+            await send_body(send, 400, dump_json(document), JSON)
+            return
+        flags = self.flags(snapshot)
+        headers: list[tuple[bytes, bytes]] = [NO_CACHE]
+        if not flags.time_dependent:
+            etag = _bulk_etag(snapshot.revision, sent)
+            if etag_matches(header(scope, b"if-none-match"), etag):
+                await send_not_modified(send, etag)
+                return
+            headers.append((b"etag", etag))
+        documents = []
+        for key in sorted(flags.flags):
+            result = evaluate(flags, key, context)
+            self._record(result)
+            if result.reason != "DISABLED":  # flagd leaves disabled flags out of bulk answers
+                documents.append(result.document)
+        await send_body(send, 200, dump_json({"flags": documents}), JSON, headers)
+
+    async def _send_configuration(self, scope: Scope, send: Send) -> None:
+        etag = self._configuration_etag
+        if etag_matches(header(scope, b"if-none-match"), etag):
+            await send_not_modified(send, etag)
+            return
+        await send_body(send, 200, self._configuration, JSON, [(b"etag", etag)])
+
+    def _loaded(self) -> Snapshot:
+        snapshot = self._store.snapshot
+        if not snapshot.loaded:
+            raise BadRequest("not loaded yet", 503, [RETRY_AFTER])
+        return snapshot
+
+    def _record(self, result: Result) -> None:
+        self._count(result.flag_label, result.variant, result.reason, result.error_code)
+
+    def _count(self, flag: str, variant: str, reason: str, error_code: str) -> None:
+        # Children looked up once per label set: labels() takes a lock and builds a key.
+        ident = (flag, variant, reason)
+        counter = self._counters.get(ident)
+        if counter is None:
+            counter = self._counters[ident] = self._evaluations.labels(flag=flag, variant=variant, reason=reason)
+        counter.inc()
+        if error_code:
+            errors = self._error_counters.get((flag, error_code))
+            if errors is None:
+                errors = self._error_counters[(flag, error_code)] = self._errors.labels(flag=flag, code=error_code)
+            errors.inc()
+
+def _bulk_etag(revision: int, context: dict[str, Any]) -> bytes:
+    """`"<revision>-<context hash>"`: a new write or another context is a new answer."""
+    canonical = json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
+    return b'"%d-%s"' % (revision, digest.encode())
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body (None if the client disconnected); 400 past 64 KiB, 408 past 10 s."""
+    chunks: list[bytes] = []
+    size = 0
+    with anyio.move_on_after(BODY_TIMEOUT) as deadline:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise BadRequest(f"request body over {MAX_BODY_BYTES // 1024} KiB", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    assert deadline.cancelled_caught
+    raise BadRequest("request body not received in time", 408)
+
