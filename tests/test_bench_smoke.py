@@ -116,3 +116,17 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert {"wall_ms", "agent_cpu_ms", "server_cpu_ms"} <= doc["read_cost"]["new"].keys()
     # PgBouncer holds at most its pool on the server, whatever the number of agents.
     assert cases["pgbouncer"]["runs"][0]["max_reader_connections"] <= doc["settings"]["pool_size"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_fleet_smoke(tmp_path: Path) -> None:
+    doc = run_bench("fleet", tmp_path)
+    idle = doc["idle"]
+    # 6 agents reporting every second: one SET + ZADD each per second, nothing else.
+    assert idle["agents_listed"] == 6
+    assert 0.5 <= idle["reports_per_agent_per_s"] <= 1.5, idle
+    assert idle["set"] == idle["zadd"] and idle["other_commands"] == 0, idle
+    for change in doc["changes"]:
+        assert change["served"] == change["total"] == 6 and change["missing"] == 0
+    assert SUMMARY <= doc["returned_after_last_ms"].keys()
