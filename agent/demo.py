@@ -207,7 +207,7 @@ async def _run_components(settings: Settings, where: Where, argv0: str, out: Tex
             if agent is not None:
                 await agent.source.close()
             if relay is not None:
-                await relay.publisher.close()
+                await relay.close()
 
 
 async def _cancel_on_signal(work: anyio.CancelScope, finished: anyio.Event, *,

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.db.connect import connect, describe
 from agent.errors import SourceError, UsageError
+from agent.fleet import FleetReader, fleet_rows
 from agent.model import Announcement, InvalidMessage, parse_announcement
 from agent.redis_client import RedisPublisher, publish_forms
 from agent.settings import Settings
@@ -46,6 +47,17 @@ SELECT h.org_id, h.service, h.key, h.version, h.revision,
                  WHERE h.org_id = o.org_id ORDER BY h.revision DESC LIMIT 1) h ON true
 """
 ORGS = "SELECT org_id FROM config_orgs ORDER BY org_id"
+# Per org: its revision and each service's newest revision (a filtered agent is behind
+# only when one of its services moved on).
+ORG_REVISIONS = """
+SELECT o.org_id, o.revision,
+       coalesce((SELECT jsonb_object_agg(service, revision)::text FROM (
+           SELECT service, max(revision) AS revision FROM service_configs c WHERE c.org_id = o.org_id
+            GROUP BY service) s), '{}') AS services
+  FROM config_orgs o ORDER BY o.org_id
+"""
+# The fleet summary (config_agent_fleet_*) is read every this many LISTEN proofs.
+FLEET_EVERY_PROOFS = 3
 PROBE = "SELECT pg_notify($1, $2)"
 # Seconds between liveness checks of the idle LISTEN connection.
 KEEPALIVE = 10.0
@@ -94,6 +106,28 @@ class RelayState:
         self.proof_seconds = Gauge("config_relay_listen_proof_seconds",
                                    "Time from the relay's own NOTIFY to hearing it (last proof).",
                                    registry=r)
+        # From the agents' reports (README "Did every pod get it?"), one series per org.
+        self.fleet_agents = Gauge("config_agent_fleet_agents", "Live agents reporting, per org.",
+                                  ["org_id"], registry=r)
+        self.fleet_behind = Gauge("config_agent_fleet_behind",
+                                  "Live agents behind the newest change of their services.", ["org_id"],
+                                  registry=r)
+        self.fleet_stale = Gauge("config_agent_fleet_stale", "Live agents serving stale values.", ["org_id"],
+                                 registry=r)
+        self.fleet_unready = Gauge("config_agent_fleet_unready", "Live agents not ready.", ["org_id"],
+                                   registry=r)
+        self._fleet_gauges = (self.fleet_agents, self.fleet_behind, self.fleet_stale, self.fleet_unready)
+        self._fleet_orgs: set[str] = set()
+
+    def set_fleet(self, counts: dict[str, tuple[int, int, int, int]]) -> None:
+        """Per org (agents, behind, stale, unready); orgs no longer listed lose their series."""
+        for org_id in self._fleet_orgs - counts.keys():
+            for gauge in self._fleet_gauges:
+                gauge.remove(org_id)
+        for org_id, values in counts.items():
+            for gauge, value in zip(self._fleet_gauges, values, strict=True):
+                gauge.labels(org_id=org_id).set(value)
+        self._fleet_orgs = set(counts)
 
     @property
     def ready(self) -> bool:
@@ -140,6 +174,9 @@ class Relay:
         self._probe_heard: dict[str, anyio.Event] = {}
         self.heartbeat_interval = settings.heartbeat_interval
         self._warned_unheard = False  # one error line per episode of failed proofs
+        self.fleet = FleetReader(settings.redis_url or "", password_file=settings.redis_password_file,
+                                 ca_file=settings.redis_ca_file)
+        self._fleet_failing = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; `started` once LISTENing."""
@@ -205,6 +242,11 @@ class Relay:
                     if c is not None:
                         c.terminate()
 
+    async def close(self) -> None:
+        """Close the Redis connections (publisher and fleet reader)."""
+        await self.publisher.close()
+        await self.fleet.close()
+
     async def _connect(self, application_name: str) -> asyncpg.Connection:
         return await connect(self.settings.database_url or "",
                              password_file=self.settings.database_password_file,
@@ -216,13 +258,16 @@ class Relay:
         proof_every = self.heartbeat_interval or PROOF_INTERVAL
         next_proof = anyio.current_time()
         last_check = anyio.current_time()
-        failures = 0
+        failures = proofs = 0
         while not lost.is_set():
             if anyio.current_time() >= next_proof:
                 next_proof = anyio.current_time() + proof_every
                 if await self._prove(prober):
                     failures = 0
                     await self._queue_heartbeats(prober)
+                    if proofs % FLEET_EVERY_PROOFS == 0:
+                        await self._summarize_fleet(prober)
+                    proofs += 1
                 else:
                     failures += 1
                     if failures >= PROOF_FAILURES_BEFORE_RECONNECT:
@@ -269,6 +314,26 @@ class Relay:
                 self._send.send_nowait(Heartbeat(row["org_id"], now))
             except anyio.WouldBlock:
                 return  # the queue is full of announcements; the next round sends them
+
+    async def _summarize_fleet(self, prober: asyncpg.Connection) -> None:
+        """config_agent_fleet_* from every org's agent reports (a Redis failure: one line)."""
+        counts: dict[str, tuple[int, int, int, int]] = {}
+        now = time.time()
+        try:
+            with anyio.fail_after(5):
+                for row in await prober.fetch(ORG_REVISIONS, timeout=10):
+                    reports = await self.fleet.agents(row["org_id"])
+                    rows = fleet_rows(reports, row["revision"], json.loads(row["services"]), now)
+                    counts[row["org_id"]] = (len(rows), sum(1 for r in rows if r["behind"]),
+                                             sum(1 for r in rows if r["stale"]),
+                                             sum(1 for r in rows if not r["ready"]))
+        except (SourceError, TimeoutError) as exc:
+            if not self._fleet_failing:
+                log.warning("cannot read the agents' reports for config_agent_fleet_*: %s", exc or "timed out")
+            self._fleet_failing = True
+            return
+        self._fleet_failing = False
+        self.state.set_fleet(counts)
 
     async def _announce_latest(self, conn: asyncpg.Connection) -> None:
         rows = await conn.fetch(LATEST_PER_ORG, timeout=30)
@@ -329,7 +394,7 @@ async def run_relay(settings: Settings) -> int:
             await tg.start(serve_probes, relay.state, relay.state.registry,
                            settings.metrics_host, settings.metrics_port)
         await tg.start(relay.run)
-    await relay.publisher.close()
+    await relay.close()
     return 0
 
 

@@ -30,10 +30,11 @@ from agent.db.roles import redis_acl_command
 from agent.db.writer import ConfigWriter
 from agent.fleet import AgentReport, FleetReader, agent_key, fleet_rows, index_key, progress
 from agent.redis_client import cluster_client, redis_client
+from agent.relay import Relay
 from agent.settings import load_settings
 from bench.common import ROOT
 from bench.harness import Worker, first_at_or_after
-from tests.agent_harness import running_agent
+from tests.agent_harness import eventually, running_agent
 from tests.scaleout import RedisClusterSet, RedisSentinelSet
 from tests.servers import PrivateRedis, free_port, run_cli, stop_processes
 
@@ -333,3 +334,34 @@ async def _until_listed(fleet: FleetReader, org: str, name: str) -> None:
     with anyio.fail_after(15):
         while [r.agent for r in await fleet.agents(org)] != [name]:
             await anyio.sleep(0.1)
+
+
+async def test_relay_exports_the_fleet_summary_per_org(db_url: str, redis_url: str, org: str) -> None:
+    async with await ConfigWriter.open(db_url) as writer:
+        await writer.set(org, "ai", "t", 1, actor="t")
+        await writer.set(org, "ai", "t", 2, actor="t")
+    admin = redis_client(redis_url)
+    now = time.time()
+    for name, revision, stale in (("pod-a", 2, False), ("pod-b", 1, True)):
+        doc = AgentReport(agent=name, namespace=None, org_id=org, services=(), revision=revision, stale=stale,
+                          ready=True, redis_connected=True, db_connected=not stale, applied_at=now,
+                          reported_at=now, version="x")
+        await admin.set(agent_key(org, name), doc.to_json(), ex=30)
+        await admin.zadd(index_key(org), {name: now + 30})
+    relay = Relay(load_settings(database_url=db_url, redis_url=redis_url, heartbeat_interval=0.2))
+
+    def sample(name: str) -> float | None:
+        return relay.state.registry.get_sample_value(f"config_agent_fleet_{name}", {"org_id": org})
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(relay.run)
+            await eventually(lambda: sample("agents") == 2, 10, "the relay counted both agents")
+            assert (sample("behind"), sample("stale"), sample("unready")) == (1, 1, 0)
+            await admin.delete(agent_key(org, "pod-b"))  # pod-b's report expired
+            await eventually(lambda: sample("agents") == 1 and sample("behind") == 0, 10, "pod-b gone")
+            tg.cancel_scope.cancel()
+    finally:
+        await relay.close()
+        await admin.delete(agent_key(org, "pod-a"), index_key(org))
+        await admin.aclose()
