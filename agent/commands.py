@@ -96,7 +96,8 @@ def cmd_write(args: argparse.Namespace, settings: Settings) -> int:
         async with writer:
             if args.command == "set":
                 result = await writer.set(args.org, args.service, args.key, value, actor=actor,
-                                          reason=args.reason, expect_version=args.expect_version)
+                                          reason=args.reason, expect_version=args.expect_version,
+                                          flag_services=settings.flag_services)
             elif args.command == "delete":
                 result = await writer.delete(args.org, args.service, args.key, actor=actor,
                                              reason=args.reason, expect_version=args.expect_version)

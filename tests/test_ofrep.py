@@ -286,3 +286,19 @@ async def test_same_answers_over_the_unix_socket(running: Running) -> None:
 async def test_evaluations_before_the_first_load_are_503(running: Running) -> None:
     r = await running.evaluate("dark-mode")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+async def test_hostile_context_values_neither_fail_nor_flood_the_log(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    contexts: list[dict[str, Any]] = [
+        {"appVersion": "not-a-version"}, {"appVersion": None}, {"appVersion": {"a": [1]}},
+        {"region": 5}, {"email": ["x"]}, {"targetingKey": "", "$flagd": {"flagKey": "other"}},
+        {"region": "eu-" + "x" * 10_000},
+    ]
+    with caplog.at_level("DEBUG"):
+        for context in contexts:
+            for key in ("api-level", "theme"):
+                r = await running.evaluate(key, context)
+                assert r.status_code == 200, (context, r.text)
+    assert [rec for rec in caplog.records if rec.levelno >= 30] == []

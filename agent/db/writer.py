@@ -17,7 +17,7 @@ import builtins
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ import asyncpg
 
 from agent.db.connect import connect, describe
 from agent.errors import ConflictError, DatabaseError, NotFoundError, UsageError
+from agent.flags.definition import DEFAULT_FLAG_SERVICES, check_flag_value
 from agent.fleet import FleetProgress, FleetReader, wait_for_fleet
 from agent.model import Announcement, check_name, encode_value
 from agent.redis_client import RedisPublisher, publish_forms
@@ -178,9 +179,15 @@ class ConfigWriter:
         actor: str,
         reason: str | None = None,
         expect_version: int | None = None,
+        flag_services: Collection[str] = DEFAULT_FLAG_SERVICES,
     ) -> WriteResult:
-        """Create or update an entry. `expect_version=0` means "must not exist yet"."""
+        """Create or update an entry. `expect_version=0` means "must not exist yet".
+
+        A flag definition written to one of `flag_services` (CONFIG_AGENT_FLAG_SERVICES)
+        must pass flagd's schema, else UsageError (agent/flags/definition.py).
+        """
         encoded = encode_value(value)
+        check_flag_value(service, key, value, flag_services)
         return await self._write(
             org_id, service, key, actor=actor, reason=reason, action="set",
             expect_version=expect_version, sql=UPSERT, args=(encoded,),

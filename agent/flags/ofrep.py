@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -69,6 +70,9 @@ class OfrepRoutes:
     def __init__(self, store: Store, metrics: Metrics, flag_services: Collection[str]) -> None:
         self._store = store
         self._flag_services = tuple(flag_services)
+        # The evaluator logs a bad context value (a version that is not semver: with a
+        # traceback) at ERROR, so any local process could flood our log; the answer says it.
+        logging.getLogger("openfeature.contrib").setLevel(logging.CRITICAL)
         self._evaluations = metrics.flag_evaluations
         self._errors = metrics.flag_errors
         self._counters: dict[tuple[str, str, str], Counter] = {}
