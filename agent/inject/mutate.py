@@ -34,6 +34,10 @@ def inject(pod: Obj, injection: Injection, marker: str) -> Obj:
     if not app_containers:
         raise UsageError("the pod has no containers to inject into")
     _check_free_names(spec, injection)
+    if injection.containers and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        # A classic sidecar never exits, so the pod (a Job's) would never complete.
+        raise UsageError(f"mode classic would keep a restartPolicy {spec['restartPolicy']} pod (a Job's) "
+                         "running forever: use mode native")
     spec["initContainers"] = injection.init_containers + (spec.get("initContainers") or [])
     for container in app_containers:
         _add_to_app_container(container, injection)

@@ -59,3 +59,8 @@ imagePullSecrets:
 securityContext:
   {{- include "config-agent.podSecurityContext" $root | nindent 2 }}
 {{- end -}}
+
+{{/* The injector's serving certificate Secret (made by cert-manager, or given). */}}
+{{- define "config-agent.injectorTlsSecret" -}}
+{{- default (printf "%s-injector-tls" (include "config-agent.fullname" .)) .Values.injector.tls.secretName -}}
+{{- end -}}
