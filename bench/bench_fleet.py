@@ -48,7 +48,10 @@ def idle_cost(servers: Servers, agents: int, seconds: float) -> dict[str, Any]:
         r.close()
     return {
         "seconds": seconds, "agents_listed": len(names), "set": calls.get("set", 0), "zadd": calls.get("zadd", 0),
-        "other_commands": sum(calls.values()) - reports - calls.get("info", 0) - calls.get("config|resetstat", 0),
+        # The subscriptions' health-check PINGs (after 15 s without traffic) are not reports.
+        "ping": calls.get("ping", 0),
+        "other_commands": sum(calls.values()) - reports - sum(calls.get(c, 0) for c in ("info", "config|resetstat",
+                                                                                         "ping")),
         "commands_per_agent_per_s": round(reports / agents / seconds, 4),
         # SET + ZADD go in one pipelined round trip: one report.
         "reports_per_agent_per_s": round(calls.get("zadd", 0) / agents / seconds, 4),
