@@ -19,6 +19,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from agent.errors import UsageError
 from agent.inject.parameters import INJECTED
 from agent.inject.review import respond
 from agent.inject.values import DEFAULTS, load_values, merged
@@ -107,3 +108,20 @@ def test_values_file_overrides_defaults(tmp_path: Path) -> None:
     values = load_values(path)
     assert values["image"] == {**DEFAULTS["image"], "repository": "registry.example.com/config-agent"}
     assert copy.deepcopy(values)["metrics"] == DEFAULTS["metrics"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"mode": 5}', "mode must be a string"),
+    ('{"mode": "sidecar"}', "mode 'sidecar' must be native or classic"),
+    ('{"hooks": {"signal": {"nam": "HUP"}}}', "unknown key hooks.signal.nam"),
+    ('{"metrics": {"port": "9790"}}', "metrics.port must be a number"),
+    ('["not", "a", "map"]', "must hold a JSON object"),
+    ("{", "is not JSON"),
+])
+def test_bad_values_file_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "values.json"
+    path.write_text(text)
+    with pytest.raises(UsageError) as excinfo:
+        load_values(path)
+    assert message in str(excinfo.value) and "(--values)" in str(excinfo.value)
+    assert "\n" not in str(excinfo.value)

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.errors import UsageError
 from agent.inject.builder import build
 from agent.inject.helm_values import STYLES, to_yaml, values_for
 from agent.inject.parameters import PREFIX, overrides
@@ -61,7 +62,10 @@ def cmd_helm_values(args: argparse.Namespace) -> int:
     """`config-agent helm-values`: print the values YAML."""
     params = {name: getattr(args, f"param_{name}") for _, name, _ in PARAMETER_FLAGS
               if getattr(args, f"param_{name}") is not None}
-    values = merged(load_values(args.agent_values), overrides(params, namespace=None))
+    try:
+        values = merged(load_values(args.agent_values), overrides(params, namespace=None))
+    except UsageError as exc:  # the same checks as the annotations; name the flag instead
+        raise UsageError(str(exc).replace(PREFIX, "--")) from exc
     print(to_yaml(values_for(build(values), args.style)), end="")
     return 0
 

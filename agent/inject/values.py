@@ -84,8 +84,42 @@ def load_values(path: Path | None) -> Values:
         return merged(DEFAULTS)
     try:
         doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"values file {path} is not JSON: {exc.msg} at line {exc.lineno}") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read the values file {path} (--values): {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"the values file {path} (--values) is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise UsageError(f"values file {path} must hold a JSON object")
+        raise UsageError(f"the values file {path} (--values) must hold a JSON object")
+    problem = _shape_problem(doc, DEFAULTS, "")
+    if not problem and doc.get("mode", "native") not in ("native", "classic"):
+        problem = f"mode {doc['mode']!r} must be native or classic"
+    if problem:
+        raise UsageError(f"the values file {path} (--values): {problem}")
     return merged(DEFAULTS, doc)
+
+
+# Values passed through as Kubernetes objects, whose inner keys are not ours to check.
+_OPAQUE = {"resources", "extraEnv"}
+_JSON_TYPES = {dict: "map", list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _shape_problem(doc: Values, defaults: Values, where: str) -> str | None:
+    """The first key of `doc` that DEFAULTS does not have or whose JSON type differs
+    (the chart's values.schema.json checked the rest when it rendered the file)."""
+    for key, value in doc.items():
+        path = f"{where}.{key}" if where else key
+        if key == "orgId" and not where:
+            continue
+        if key not in defaults:
+            return f"unknown key {path}"
+        expected = defaults[key]
+        same = (isinstance(value, bool) == isinstance(expected, bool)
+                and (isinstance(value, int | float) and isinstance(expected, int | float)
+                     or type(value) is type(expected)))
+        if not same:
+            return f"{path} must be a {_JSON_TYPES[type(expected)]}"
+        if isinstance(value, dict) and key not in _OPAQUE:
+            problem = _shape_problem(value, expected, path)
+            if problem:
+                return problem
+    return None
