@@ -130,3 +130,19 @@ def test_fleet_smoke(tmp_path: Path) -> None:
     for change in doc["changes"]:
         assert change["served"] == change["total"] == 6 and change["missing"] == 0
     assert SUMMARY <= doc["returned_after_last_ms"].keys()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_flags_smoke(tmp_path: Path) -> None:
+    """OFREP evaluation of a targeting flag at 1,000/s beside the plain GET, without errors."""
+    doc = run_bench("flags", tmp_path)
+    (run,) = doc["runs"]
+    for kind in ("evaluate", "get"):
+        assert run["open_loop"][kind]["errors"] == 0, run["open_loop"][kind]["first_errors"]
+        assert run["open_loop"][kind]["sent"] == doc["rate_per_s"] * doc["seconds"]
+        assert SUMMARY <= run["open_loop"][kind]["latency_ms"].keys()
+        assert run["closed_loop"][kind]["errors"] == 0 and run["closed_loop"][kind]["per_s"] > 0
+    # Both variants were served: the targeting really ran.
+    assert set(run["open_loop"]["evaluate"]["variants"]) == {"new", "old"}
+    assert doc["errors"] == 0
