@@ -35,7 +35,7 @@ from redis.asyncio.cluster import RedisCluster
 from agent import __version__
 from agent.errors import RedisError
 from agent.model import NAME_RE, check_name
-from agent.redis_client import REDIS_ERRORS, cluster_client, parse_redis_url, redis_client
+from agent.redis_client import REDIS_ERRORS, any_client
 
 log = logging.getLogger("agent.fleet")
 
@@ -121,12 +121,6 @@ class AgentReport:
         return service is None or not self.services or service in self.services
 
 
-def _client(url: str, password_file: Path | None, ca_file: Path | None) -> Redis | RedisCluster:
-    if parse_redis_url(url).kind == "cluster":
-        return cluster_client(url, password_file=password_file, ca_file=ca_file, socket_timeout=2)
-    return redis_client(url, password_file=password_file, ca_file=ca_file, socket_timeout=2)
-
-
 class FleetReporter:
     """Writes this agent's report on every new snapshot and every `interval` when idle."""
 
@@ -159,7 +153,7 @@ class FleetReporter:
 
     async def run(self) -> None:
         """Report until cancelled; then delete the report (a stopped agent leaves at once)."""
-        client = _client(self._url, self._password_file, self._ca_file)
+        client = any_client(self._url, password_file=self._password_file, ca_file=self._ca_file, socket_timeout=2)
         try:
             generation, last = -1, -math.inf
             while True:
@@ -207,7 +201,7 @@ class FleetReader:
     """Reads the live agents of an org (admin credentials: writers, `status`, the relay)."""
 
     def __init__(self, url: str, *, password_file: Path | None = None, ca_file: Path | None = None) -> None:
-        self._client = _client(url, password_file, ca_file)
+        self._client = any_client(url, password_file=password_file, ca_file=ca_file, socket_timeout=2)
 
     async def agents(self, org_id: str) -> list[AgentReport]:
         """Every live agent's report (key present), sorted by name; prunes gone members."""

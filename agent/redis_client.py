@@ -224,6 +224,14 @@ def cluster_client(
                         retry=Retry(NoBackoff(), 0), **kwargs)
 
 
+def any_client(url: str, *, password_file: Path | None = None, ca_file: Path | None = None,
+               **options: Any) -> Redis | RedisCluster:
+    """A cluster client for a redis+cluster:// URL, else a one-server or Sentinel client."""
+    if parse_redis_url(url).kind == "cluster":
+        return cluster_client(url, password_file=password_file, ca_file=ca_file, **options)
+    return redis_client(url, password_file=password_file, ca_file=ca_file, **options)
+
+
 async def run_on_every_node(url: str, command: list[str], *, password_file: Path | None = None,
                             ca_file: Path | None = None) -> int:
     """Run an admin command (ACL SETUSER) on every node: a cluster's primaries and replicas,
@@ -294,13 +302,7 @@ class RedisPublisher:
         self._cluster = parse_redis_url(url).kind == "cluster"
         self._stale_topology = True
         self.forms = forms or (channel_form(url),)
-        self._client: Redis | RedisCluster
-        if self._cluster:
-            self._client = cluster_client(url, password_file=password_file, ca_file=ca_file,
-                                          socket_timeout=2)
-        else:
-            self._client = redis_client(url, password_file=password_file, ca_file=ca_file,
-                                        socket_timeout=2)
+        self._client = any_client(url, password_file=password_file, ca_file=ca_file, socket_timeout=2)
 
     async def _send(self, classic: str, sharded: str, payload: str) -> None:
         if isinstance(self._client, RedisCluster) and self._stale_topology:
