@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import agent
+from agent.flags.openapi import OFREP_SCHEMAS, ofrep_paths
 from agent.model import NAME_RE
 
 MAX_WAIT_SECONDS = 300
@@ -183,6 +184,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document.")},
                 }
             },
+            **ofrep_paths(),
         },
         "components": {
             "schemas": {
@@ -216,6 +218,7 @@ def openapi_document() -> dict[str, Any]:
                         "configs": {"type": "object", "additionalProperties": service},
                     },
                 },
+                **OFREP_SCHEMAS,
                 "Status": {
                     "type": "object",
                     "required": ["org_id", "ready", "revision", "stale"],
