@@ -93,6 +93,8 @@ config-agent/role: agent
 - name: CONFIG_AGENT_SERVICES
   value: {{ join "," . | quote }}
 {{- end }}
+- name: CONFIG_AGENT_FLAG_SERVICES
+  value: {{ join "," $v.flagServices | quote }}
 - name: CONFIG_AGENT_DATABASE_URL
   valueFrom:
     secretKeyRef:
