@@ -17,7 +17,10 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent.inject.helm_values import to_yaml
 from agent.inject.parameters import INJECTED
 from agent.inject.review import respond
 from agent.inject.values import DEFAULTS, merged
@@ -127,3 +130,17 @@ def test_bad_flags_are_one_line_exit_2(flags: list[str], message: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+JSON_LIKE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), JSON_LIKE, max_size=5))
+def test_printed_yaml_reads_back_unchanged(doc: dict[str, Any]) -> None:
+    """Whatever the values hold (a hook command with quotes, colons, newlines, "yes"), PyYAML reads it back."""
+    assert yaml.safe_load(to_yaml(doc)) == (doc or None)

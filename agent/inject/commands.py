@@ -14,14 +14,14 @@ from agent.inject.values import load_values, merged
 
 # helm-values flags → the parameter (annotation) names of parameters.py.
 PARAMETER_FLAGS = (
-    ("--org", "org", "the tenant (required: there is no namespace to derive it from)"),
-    ("--services", "services", "comma-separated service filter (default: all)"),
-    ("--mode", "mode", "native (default; Kubernetes >= 1.29) or classic"),
-    ("--output-dir", "output-dir", "directory of the shared file set (default /etc/config-agent)"),
-    ("--on-change-webhook", "on-change-webhook", "local URL POSTed after the files changed"),
-    ("--on-change-exec", "on-change-exec", "shell command run in the agent container after a change"),
-    ("--on-change-signal", "on-change-signal", "signal (e.g. HUP) sent to the pid in --signal-pidfile"),
-    ("--signal-pidfile", "signal-pidfile", "file holding the pid to signal"),
+    ("--org", "org", "ORG", "the tenant (required: there is no namespace to derive it from)"),
+    ("--services", "services", "A,B", "comma-separated service filter (default: all)"),
+    ("--mode", "mode", "native|classic", "native (default; Kubernetes >= 1.29) or classic"),
+    ("--output-dir", "output-dir", "DIR", "directory of the shared file set (default /etc/config-agent)"),
+    ("--on-change-webhook", "on-change-webhook", "URL", "local URL POSTed after the files changed"),
+    ("--on-change-exec", "on-change-exec", "COMMAND", "shell command run in the agent container after a change"),
+    ("--on-change-signal", "on-change-signal", "SIGNAL", "signal (e.g. HUP) sent to the pid in --signal-pidfile"),
+    ("--signal-pidfile", "signal-pidfile", "FILE", "file holding the pid to signal"),
 )
 
 
@@ -33,8 +33,10 @@ def add_parsers(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     p = sub.add_parser("inject", help=text, description=text + "; parameters come from the pod's "
                        f"{PREFIX}* annotations, defaults from --values")
     common(p)
-    p.add_argument("--tls-cert-file", type=Path, required=True, help="PEM certificate (chain) to serve")
-    p.add_argument("--tls-key-file", type=Path, required=True, help="PEM private key of the certificate")
+    p.add_argument("--tls-cert-file", type=Path, required=True, metavar="FILE",
+                   help="PEM certificate (chain) to serve; re-read within 30 s when it changes")
+    p.add_argument("--tls-key-file", type=Path, required=True, metavar="FILE",
+                   help="PEM private key of the certificate")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8443, help="HTTPS port (default 8443)")
     _values_flag(p)
@@ -42,8 +44,8 @@ def add_parsers(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
     text = "print Helm values that inject the agent through a chart's sidecar/extraVolumes values"
     p = sub.add_parser("helm-values", help=text, description=text + " (Bitnami-style or Grafana's)")
     common(p)
-    for flag, name, help_text in PARAMETER_FLAGS:
-        p.add_argument(flag, dest=f"param_{name}", default=None, required=flag == "--org",
+    for flag, name, metavar, help_text in PARAMETER_FLAGS:
+        p.add_argument(flag, dest=f"param_{name}", metavar=metavar, default=None, required=flag == "--org",
                        help=f"{help_text} [annotation {PREFIX}{name}]")
     p.add_argument("--style", choices=STYLES, default="bitnami",
                    help="bitnami: initContainers/sidecars/extraVolumes/extraVolumeMounts/extraEnvVars; "
@@ -53,14 +55,14 @@ def add_parsers(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
 
 
 def _values_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--values", dest="agent_values", type=Path, default=None,
+    p.add_argument("--values", dest="agent_values", type=Path, default=None, metavar="FILE",
                    help="JSON file of the chart's agent values (image, Secret references, ports, …) "
                         "laid over charts/sidecar/values.yaml's defaults")
 
 
 def cmd_helm_values(args: argparse.Namespace) -> int:
     """`config-agent helm-values`: print the values YAML."""
-    params = {name: getattr(args, f"param_{name}") for _, name, _ in PARAMETER_FLAGS
+    params = {name: getattr(args, f"param_{name}") for _, name, _, _ in PARAMETER_FLAGS
               if getattr(args, f"param_{name}") is not None}
     try:
         values = merged(load_values(args.agent_values), overrides(params, namespace=None))

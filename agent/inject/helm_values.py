@@ -18,6 +18,8 @@ from agent.inject.builder import Injection
 
 STYLES = ("bitnami", "grafana")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+# Words a YAML 1.1 reader takes for a boolean or null, in any case: quoted as keys.
+_YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null"}
 
 
 def values_for(injection: Injection, style: str) -> dict[str, Any]:
@@ -43,17 +45,24 @@ def values_for(injection: Injection, style: str) -> dict[str, Any]:
 
 def to_yaml(node: Any, indent: int = 0) -> str:
     """Block-style YAML of JSON-like data; strings JSON-quoted (valid YAML double-quoted
-    scalars), so no value is ever read back as another type. Ends with a newline."""
+    scalars), so no value is ever read back as another type, except multi-line map values
+    that read back unchanged as a literal `|` block. Ends with a newline."""
     return "".join(line + "\n" for line in _lines(node, indent))
 
 
 def _scalar(value: Any) -> str:
-    return json.dumps(value)
+    if isinstance(value, float):
+        mantissa, e, exponent = repr(value).partition("e")
+        # YAML 1.1 readers (PyYAML) take 5e-324 for a string: give the mantissa a point.
+        return mantissa + ("" if "." in mantissa or not e else ".0") + e + exponent
+    if not isinstance(value, str):
+        return json.dumps(value)
+    # JSON's escapes are YAML's too, except surrogate pairs: escape by code point instead.
+    return "".join(c if c.isprintable() else f"\\U{ord(c):08x}" for c in json.dumps(value, ensure_ascii=False))
 
 
 def _key(key: str) -> str:
-    return key if _PLAIN_KEY.fullmatch(key) and key not in ("true", "false", "null", "yes", "no", "on", "off") \
-        else json.dumps(key)
+    return key if _PLAIN_KEY.fullmatch(key) and key.lower() not in _YAML_WORDS else _scalar(key)
 
 
 def _lines(node: Any, indent: int) -> list[str]:
@@ -61,7 +70,10 @@ def _lines(node: Any, indent: int) -> list[str]:
     lines: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if isinstance(value, dict | list) and value:
+            if _literal_block_fits(value):
+                lines.append(f"{pad}{_key(key)}: |")
+                lines += [f"{pad}  {line}" if line else "" for line in value.splitlines()]
+            elif isinstance(value, dict | list) and value:
                 lines.append(f"{pad}{_key(key)}:")
                 lines += _lines(value, indent + 2)
             else:
@@ -77,6 +89,15 @@ def _lines(node: Any, indent: int) -> list[str]:
     else:
         lines.append(pad + _scalar(node))
     return lines
+
+
+def _literal_block_fits(value: Any) -> bool:
+    """A multi-line string that reads back unchanged as a `|` block (Grafana's extraContainers)."""
+    if not isinstance(value, str) or "\n" not in value.rstrip("\n") or not value.endswith("\n"):
+        return False
+    lines = value[:-1].split("\n")
+    return (not value.endswith("\n\n") and not lines[0].startswith(" ") and "\t" not in value and "\r" not in value
+            and all(line == line.rstrip() for line in lines))
 
 
 def _empty_or_scalar(value: Any) -> str:
