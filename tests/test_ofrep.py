@@ -112,6 +112,7 @@ async def test_plain_values_are_static_flags(running: Running) -> None:
 
 
 async def test_targeting_by_context_attributes(running: Running) -> None:
+    before = (await running.tcp.get("/v1/configs")).content
     r = await running.evaluate("theme", {"targetingKey": "u1", "email": "ann@acme.com"})
     assert (r.json()["value"], r.json()["variant"], r.json()["reason"]) == ("blue", "acme", "TARGETING_MATCH")
     r = await running.evaluate("theme", {"email": "bob@example.com"})
@@ -123,6 +124,10 @@ async def test_targeting_by_context_attributes(running: Running) -> None:
     for context, value in cases:
         r = await running.evaluate("api-level", context)
         assert r.status_code == 200 and r.json()["value"] == value, context
+    # Evaluating changed nothing the API serves (the evaluator rewrites what it is given).
+    assert (await running.tcp.get("/v1/configs")).content == before
+    stored = running.store.snapshot.entries[("features", "theme")].value
+    assert stored["defaultVariant"] == "others" and "default_variant" not in stored
 
 
 async def test_fractional_rollout_is_even_stable_and_needs_a_targeting_key(running: Running) -> None:

@@ -7,6 +7,7 @@ is carried over from the previous flag set, so a change re-parses one flag, not 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ def build_flag(entry: Entry) -> Flag:
     if value["state"] == "DISABLED":
         return Flag(disabled=True, metadata=metadata, **base)
     core = FlagdCore()
-    core.set_flags({"flags": {key: value}})
+    # A deep copy: the library rewrites the definition it is given (defaultVariant →
+    # default_variant), and `value` is the snapshot's own entry, served as-is elsewhere.
+    core.set_flags({"flags": {key: copy.deepcopy(value)}})
     resolve, placeholder = _resolver(core, value["variants"].values())
     return Flag(resolve=resolve, placeholder=placeholder, metadata=metadata,
                 needs_targeting_key=_buckets_by_targeting_key(value.get("targeting")), **base)
