@@ -307,3 +307,13 @@ async def test_hostile_context_values_neither_fail_nor_flood_the_log(
                 r = await running.evaluate(key, context)
                 assert r.status_code == 200, (context, r.text)
     assert [rec for rec in caplog.records if rec.levelno >= 30] == []
+    # Lone surrogates are valid JSON escapes but not UTF-8; the evaluator may quote them back.
+    running.store.apply([change("features", "echo", {"state": "ENABLED", "variants": {"a": "A"},
+                                                     "defaultVariant": "a", "targeting": {"var": "pick"}}, 1, 10)],
+                        revision=10, source="pubsub")
+    body = b'{"context": {"targetingKey": "\\ud800", "pick": "\\udfff", "email": "\\ud800@acme.com"}}'
+    r = await running.tcp.post(f"{EVALUATE}/echo", content=body)
+    assert r.status_code == 400 and r.json()["errorCode"] == "GENERAL"
+    r = await running.tcp.post(EVALUATE, content=body)
+    assert r.status_code == 200 and r.headers["etag"]
+    assert (await running.tcp.post(f"{EVALUATE}/theme", content=body)).json()["value"] == "blue"

@@ -25,7 +25,6 @@ import agent
 from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, Result, evaluate, parse_context
 from agent.flags.flagset import FlagSet, flag_set
 from agent.metrics import Metrics
-from agent.sinks.render import dump_json
 from agent.sinks.responses import (
     JSON,
     NO_CACHE,
@@ -175,9 +174,15 @@ class OfrepRoutes:
                 errors = self._error_counters[(flag, error_code)] = self._errors.labels(flag=flag, code=error_code)
             errors.inc()
 
+def dump_json(doc: Any) -> bytes:
+    """JSON in ASCII: a context may hold lone surrogates (valid JSON escapes, not UTF-8), and
+    the evaluator's error details may quote it."""
+    return json.dumps(doc, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def _bulk_etag(revision: int, context: dict[str, Any]) -> bytes:
     """`"<revision>-<context hash>"`: a new write or another context is a new answer."""
-    canonical = json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
     return b'"%d-%s"' % (revision, digest.encode())
 
