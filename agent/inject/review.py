@@ -92,6 +92,14 @@ def respond(body: bytes, values: Values) -> dict[str, Any]:
     except Exception as exc:  # a bug must not become a 500 the API server cannot explain
         log.exception("injection failed for %s/%s", request.get("namespace"), request.get("name"))
         decision = Decision(False, message=f"config-agent injector failed: {type(exc).__name__}: {exc}")
+    if not decision.allowed or decision.patch:
+        obj = request.get("object")
+        meta = (obj.get("metadata") if isinstance(obj, dict) else None) or {}
+        pod = f"{request.get('namespace')}/{meta.get('name') or meta.get('generateName', '')}"
+        if decision.allowed:
+            log.info("injected the agent into pod %s", pod)
+        else:
+            log.info("denied pod %s: %s", pod, decision.message)
     response: dict[str, Any] = {"uid": request["uid"], "allowed": decision.allowed}
     if not decision.allowed:
         response["status"] = {"code": 400, "reason": "BadRequest", "message": decision.message.splitlines()[0]}

@@ -114,18 +114,26 @@ def server_config(values: Values, tls: Tls) -> uvicorn.Config:
     return config
 
 
-async def serve(values: Values, tls: Tls, host: str, port: int,
-                *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve the webhook until SIGTERM/SIGINT; reports the bound port when listening."""
+async def serve(values: Values, tls: Tls, host: str, port: int, *, stop: anyio.Event | None = None,
+                task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Serve the webhook until SIGTERM/SIGINT (or `stop` is set, when run inside another
+    program); reports the bound port once listening."""
     config = server_config(values, tls)
     sock = bind(host, port)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_reload_certificate, config, tls)
+        if stop is not None:
+            tg.start_soon(_exit_when_set, stop, server)
         log.info("admission webhook listening on https://%s:%d/mutate", host, sock.getsockname()[1])
         task_status.started(sock.getsockname()[1])
         await server.serve(sockets=[sock])
         tg.cancel_scope.cancel()
+
+
+async def _exit_when_set(stop: anyio.Event, server: uvicorn.Server) -> None:
+    await stop.wait()
+    server.should_exit = True
 
 
 async def _reload_certificate(config: uvicorn.Config, tls: Tls) -> None:
