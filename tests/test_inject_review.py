@@ -184,7 +184,21 @@ def _classic_job() -> dict[str, Any]:
     return pod
 
 
+def _host_network() -> dict[str, Any]:
+    pod = load_pod("deployment-pod")
+    pod["spec"]["hostNetwork"] = True
+    return pod
+
+
+def _port_taken() -> dict[str, Any]:
+    pod = load_pod("deployment-pod")
+    pod["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": 9790})
+    return pod
+
+
 DENIED |= {
+    "host network": (_host_network(), "org-acme", r"hostNetwork: true cannot be injected"),
+    "port taken": (_port_taken(), "org-acme", r"container app uses port 9790, which the agent needs"),
     "inject label not a boolean": (_label_yes(), "org-acme", r'label config-agent.io/inject must be "true"'),
     "volume name taken": (_volume_taken(), "org-acme", r"already has a volume named config-agent-output"),
     "mount path taken": (_mount_taken(), "org-acme", r"container app already mounts something at /etc/config-agent"),

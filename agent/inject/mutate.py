@@ -34,6 +34,10 @@ def inject(pod: Obj, injection: Injection, marker: str) -> Obj:
     if not app_containers:
         raise UsageError("the pod has no containers to inject into")
     _check_free_names(spec, injection)
+    if spec.get("hostNetwork"):
+        # The agent's API and metrics ports would be the node's, shared by every such pod.
+        raise UsageError("pods with hostNetwork: true cannot be injected (the agent's ports would be the node's)")
+    _check_free_ports(spec, injection)
     if injection.containers and spec.get("restartPolicy") in ("Never", "OnFailure"):
         # A classic sidecar never exits, so the pod (a Job's) would never complete.
         raise UsageError(f"mode classic would keep a restartPolicy {spec['restartPolicy']} pod (a Job's) "
@@ -78,6 +82,17 @@ def _check_free_names(spec: Obj, injection: Injection) -> None:
     agent_paths = [m["mountPath"] for m in (injection.init_containers + injection.containers)[0]["volumeMounts"]]
     if len(set(agent_paths)) != len(agent_paths):
         raise UsageError(f"the agent's directories must differ, got {', '.join(agent_paths)}")
+
+
+def _check_free_ports(spec: Obj, injection: Injection) -> None:
+    agent = (injection.init_containers + injection.containers)[-1]
+    agent_env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+    ours = {int(agent_env["CONFIG_AGENT_HTTP_PORT"]), int(agent_env["CONFIG_AGENT_METRICS_PORT"])}
+    for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        for port in container.get("ports") or []:
+            if port.get("containerPort") in ours:
+                raise UsageError(f"container {container.get('name')} uses port {port['containerPort']}, "
+                                 "which the agent needs (http.port / metrics.port of the injector's values)")
 
 
 def _add_to_app_container(container: Obj, injection: Injection) -> None:
