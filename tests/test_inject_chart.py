@@ -171,6 +171,8 @@ def test_the_webhook_gets_this_releases_agent_values(chart: Any, tmp_path: Path)
         return load_values(path)
 
     assert configmap_values(ENABLED) == merged(DEFAULTS)
+    passed = json.loads(by_kind(render(chart, ENABLED))["ConfigMap"]["data"]["values.json"])
+    assert passed.keys() == DEFAULTS.keys(), "the chart passes every key the builder reads, and only those"
     custom = configmap_values({**ENABLED, "image": {"repository": "registry.example.com/ca", "tag": "9.9.9"},
                                "database": {"urlSecret": {"name": "reader", "key": "url"}}})
     assert custom["image"]["repository"] == "registry.example.com/ca"
