@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -277,3 +278,32 @@ def test_node_sdk_evaluates_flags_and_sees_cli_changes(flag_agent: FlagAgent) ->
             if pipe is not None:
                 pipe.close()
 
+
+
+def test_bulk_polling_with_etag_sees_cli_changes(flag_agent: FlagAgent) -> None:
+    """What a static-context (client-side) provider does: poll the bulk endpoint with If-None-Match."""
+    body = json.dumps({"context": {"targetingKey": "ann", "email": "ann@acme.com"}}).encode()
+
+    def poll(etag: str | None) -> tuple[int, str, dict[str, Any]]:
+        headers = {"Content-Type": "application/json", **({"If-None-Match": etag} if etag else {})}
+        request = urllib.request.Request(f"{flag_agent.url}/ofrep/v1/evaluate/flags", data=body, method="POST",
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, resp.headers["ETag"], {f["key"]: f for f in json.loads(resp.read())["flags"]}
+        except urllib.error.HTTPError as exc:  # urllib raises on 304
+            assert exc.code == 304, exc.code
+            etag_back = exc.headers["ETag"]
+            exc.close()
+            return 304, etag_back, {}
+
+    status, etag, flags = poll(None)
+    assert status == 200 and flags["theme"]["value"] == "blue" and flags["greeting"]["value"] == "hello"
+    assert poll(etag)[0] == 304
+    assert flag_agent.set("greeting", '"bonjour"').returncode == 0
+    start = time.monotonic()
+    while (answer := poll(etag))[0] == 304:
+        assert time.monotonic() - start < SEEN_WITHIN
+        time.sleep(0.01)
+    assert answer[1] != etag and answer[2]["greeting"]["value"] == "bonjour"
+    print(f"bulk poll saw the change {(time.monotonic() - start) * 1000:.0f} ms after `set` returned")
