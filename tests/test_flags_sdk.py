@@ -258,6 +258,7 @@ def test_node_sdk_evaluates_flags_and_sees_cli_changes(flag_agent: FlagAgent) ->
                          "no-such-flag = fallback (FLAG_NOT_FOUND)", "greeting as boolean = false (TYPE_MISMATCH)"):
             assert expected in output, output
         rollout = next(line for line in lines if line.startswith("rollout:"))
+        print(rollout)
         on = int(rollout.split()[1])
         assert abs(on / ROLLOUT_KEYS - 0.5) <= 0.02, rollout
         # The same keys land on the same variant whichever SDK asks.
