@@ -229,7 +229,7 @@ def test_python_sdk_fractional_rollout_is_even_and_stable(flag_agent: FlagAgent,
 def _node_ready() -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("Node.js is not installed")
+        pytest.fail("Node.js is not installed (scripts/test installs Debian's nodejs and npm)")
     if not (EXAMPLES / "node" / "node_modules" / "@openfeature" / "ofrep-provider").is_dir():
         pytest.fail("examples/node has no node_modules: run `npm ci` in examples/node (scripts/test does)")
     return node
