@@ -243,7 +243,9 @@ class Relay:
                         c.terminate()
 
     async def close(self) -> None:
-        """Close the Redis connections (publisher and fleet reader)."""
+        """Close the Redis connections (publisher and fleet reader) and the queue."""
+        self._send.close()
+        self._receive.close()
         await self.publisher.close()
         await self.fleet.close()
 
