@@ -92,6 +92,7 @@ REQUIRED_ALERTS = {
         "5m",
     ),
     "ConfigAgentNotReady": (r"^config_agent_ready == 0$", "5m"),
+    "ConfigAgentFleetBehind": (r"^max by \(org_id\) \(config_agent_fleet_behind\) > 0$", "5m"),
 }
 
 
