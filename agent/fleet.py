@@ -222,10 +222,17 @@ class FleetReader:
                     else:
                         reports.append(report)
             if gone:
-                await self._client.zrem(index, *gone)
+                await self._prune(index, gone)
         except REDIS_ERRORS as exc:
             raise RedisError(f"cannot read the agents' reports from Redis: {type(exc).__name__}: {exc}") from exc
         return sorted(reports, key=lambda r: (r.namespace or "", r.agent))
+
+    async def _prune(self, index: str, gone: list[str]) -> None:
+        """Drop members whose report expired; a reader that may not write leaves them."""
+        try:
+            await self._client.zrem(index, *gone)
+        except REDIS_ERRORS as exc:
+            log.debug("cannot prune %d gone agent(s) from %s: %s", len(gone), index, exc)
 
     async def close(self) -> None:
         await self._client.aclose()

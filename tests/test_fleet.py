@@ -118,6 +118,14 @@ async def test_a_tenants_acl_user_writes_its_own_reports_and_nothing_of_another_
                         await anyio.sleep(0.05)
         async with FleetReader(server.url) as fleet:  # a stopped agent removes its report
             assert await fleet.agents(org) == []
+        # A reader that may only read (e.g. a status dashboard) lists reports; it cannot
+        # prune a gone member, and that is no error.
+        await admin.execute_command("ACL", "SETUSER", "viewer", "reset", "on", ">pw-v",
+                                    "%R~config-agent:agents:*", "-@all", "+zrange", "+mget", "+ping")
+        await admin.zadd(index_key(org), {"ghost": 1})
+        async with FleetReader(f"redis://viewer:pw-v@127.0.0.1:{server.port}") as fleet:
+            assert await fleet.agents(org) == []
+        assert await admin.zrange(index_key(org), 0, -1) == [b"ghost"]
         await admin.aclose()
     finally:
         server.stop()
