@@ -272,3 +272,31 @@ async def test_flood_of_10k_messages_per_second_does_not_delay_a_real_change(
         # The histogram holds the real changes only, each a sane commit → applied time.
         assert observed(agent) == histogram + len(changes)
         assert metric(agent, "config_agent_propagation_seconds_sum") <= sum(delays) + 0.05 * len(changes)
+
+
+async def test_announcements_of_made_up_entries_do_not_grow_memory_without_bound(
+        db_url: str, redis_url: str, org: str) -> None:
+    """Valid-looking announcements of entries that never exist: the agent remembers a
+    bounded number of them (for the drift judgement), and still applies real changes."""
+    await seed(db_url, org)
+    publisher = redis_client(redis_url)
+    remembered = []
+    try:
+        async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url,
+                                 heartbeat_interval=0) as agent:
+            agent.syncer.heard_max = 1000
+            pipe = publisher.pipeline(transaction=False)
+            for i in range(5000):
+                ann = {"org_id": org, "service": "made-up", "key": f"k{i}", "version": 1,
+                       "revision": 10**6 + i, "ts": time.time()}
+                pipe.publish(f"config:{org}:made-up:k{i}", json.dumps(ann))
+            await pipe.execute()
+            await eventually(lambda: counted(agent) >= 5000, 20, "the agent read every announcement")
+            remembered = list(agent.syncer._heard)
+            async with await ConfigWriter.open(db_url, redis_url=redis_url) as writer:
+                await writer.set(org, "ai", "threshold", 0.5, actor="test")
+            await eventually(lambda: agent_state(agent)[("ai", "threshold")][0] == 0.5, 10, "a real change")
+    finally:
+        await publisher.aclose()
+    assert len(remembered) <= 1000, len(remembered)
+    assert ("made-up", "k4999") in remembered  # the newest are kept

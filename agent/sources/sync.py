@@ -13,6 +13,7 @@ jittered ones when it refuses connections: too many clients); staleness after
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -36,6 +37,9 @@ log = logging.getLogger("agent.sync")
 CROWDED_SPREAD = 1.0
 LAG_CHASE_FIRST = 0.005
 LAG_CHASE_CAP = 0.5
+# Entries whose announced versions are remembered for the drift judgement, at most: a
+# publisher flooding made-up entry names cannot grow the agent's memory without bound.
+HEARD_MAX = 100_000
 # Source precedence when several requests coalesce into one fetch.
 _RANK = {"reconcile": 0, "poll": 1, "pubsub": 2}
 
@@ -88,6 +92,7 @@ class Syncer:
         self._chase_backoff = Backoff(initial=LAG_CHASE_FIRST, cap=LAG_CHASE_CAP, jitter=0.2)
         # (service, key) → highest version ever announced: what reconcile finds beyond it is drift.
         self._heard: dict[tuple[str, str], int] = {}
+        self.heard_max = HEARD_MAX
         self._redis_down = anyio.Event()
         self._redis_up = anyio.Event()
         self.drift_grace = drift_grace
@@ -136,7 +141,10 @@ class Syncer:
             return
         ident = (ann.service, ann.key)
         if ann.version > self._heard.get(ident, 0):
+            self._heard.pop(ident, None)  # re-inserted: the newest last
             self._heard[ident] = ann.version
+            if len(self._heard) > self.heard_max:
+                self._forget_heard()
         if self._suspects:
             self._suspects.pop((ann.service, ann.key, ann.version), None)  # late, not lost
         if ann.version <= self.store.version_of(*ident) or ann.revision <= self.store.snapshot.revision:
@@ -150,6 +158,17 @@ class Syncer:
         self.status.count_message("applied")
         self._jitter_due = True
         self.request("pubsub")
+
+    def _forget_heard(self) -> None:
+        """Bound the announced-versions map: first forget what the store already holds
+        (reconcile only finds versions above the store's, which count as unannounced
+        either way), then the longest-unheard entries, down to 3/4 of the bound."""
+        for ident, version in list(self._heard.items()):
+            if version <= self.store.version_of(*ident):
+                del self._heard[ident]
+        excess = len(self._heard) - self.heard_max * 3 // 4
+        for ident in list(itertools.islice(self._heard, max(0, excess))):
+            del self._heard[ident]
 
     def on_redis_connected(self, hearing: bool = True) -> None:
         """Subscribed (again): replay whatever was missed while down or deaf.
