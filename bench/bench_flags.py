@@ -28,7 +28,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,37 +49,6 @@ CHECKOUT = {
     "targeting": {"if": [{"ends_with": [{"var": "email"}, "@acme.com"]}, "new",
                          {"fractional": [["new", 50], ["old", 50]]}]},
 }
-
-SERVER = textwrap.dedent(
-    """
-    import json, sys, anyio
-    from agent.metrics import Metrics
-    from agent.model import Change
-    from agent.settings import Settings
-    from agent.sinks.server import ApiServer
-    from agent.status import SyncStatus
-    from agent.store import Store
-
-    async def main(port, checkout):
-        store = Store("bench")
-        changes = [Change(f"svc{{i % 20}}", f"key{{i}}", {{"n": i, "note": "x" * 40}}, 1, i + 1, False,
-                          "2025-01-01T00:00:00+00:00") for i in range({entries} - 2)]
-        changes.append(Change("ai", "threshold", 0.9, 1, {entries} - 1, False, "2025-01-01T00:00:00+00:00"))
-        changes.append(Change("features", "checkout", json.loads(checkout), 1, {entries}, False,
-                              "2025-01-01T00:00:00+00:00"))
-        store.apply(changes, revision={entries}, source="warmload")
-        status = SyncStatus(Metrics("bench"))
-        status.set_ready(True)
-        settings = Settings(org_id="bench", http_port=port, metrics_port=0)
-        async with anyio.create_task_group() as tg:
-            await tg.start(ApiServer(store, status, settings).run)
-            print("ready", flush=True)
-            await anyio.sleep_forever()
-
-    anyio.run(main, int(sys.argv[1]), sys.argv[2], backend_options={{"use_uvloop": True}})
-    """
-).format(entries=ENTRIES)
-
 
 def evaluate_request(i: int) -> bytes:
     """One OFREP evaluation with a new targeting key (every 10th user is from acme.com)."""
@@ -205,11 +173,12 @@ async def one_run(port: int, rate: int, seconds: float) -> dict[str, Any]:
 
 def start_server(port: int) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIG_AGENT_")}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port), json.dumps(CHECKOUT)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "bench.api_process", "--port", str(port), "--entries", str(ENTRIES - 2),
+            "--entry", "ai", "threshold", "0.9", "--entry", "features", "checkout", json.dumps(CHECKOUT)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if line.strip() != "ready":
+    if line.split()[:1] != ["ready"]:
         proc.kill()
         raise SystemExit(f"the API did not start: {line!r}")
     return proc

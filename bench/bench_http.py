@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -38,35 +37,6 @@ ENTRIES = 1000
 CONNECTIONS = 16
 ENTRY_PATH = "/v1/configs/svc7/key7"
 TARGETS = {"ratio_to_nginx": 0.2, "p99_ms": 3.0, "idle_rss_mb": 40.0}
-
-SERVER = textwrap.dedent(
-    """
-    import sys, anyio
-    from agent.metrics import Metrics
-    from agent.model import Change
-    from agent.settings import Settings
-    from agent.sinks.server import ApiServer
-    from agent.status import SyncStatus
-    from agent.store import Store
-
-    async def main(port):
-        store = Store("bench")
-        store.apply(
-            [Change(f"svc{{i % 20}}", f"key{{i}}", {{"n": i, "note": "x" * 40}}, 1, i + 1, False,
-                    "2025-01-01T00:00:00+00:00") for i in range({entries})],
-            revision={entries}, source="warmload",
-        )
-        status = SyncStatus(Metrics("bench"))
-        status.set_ready(True)
-        settings = Settings(org_id="bench", http_port=port, metrics_port=0)
-        async with anyio.create_task_group() as tg:
-            await tg.start(ApiServer(store, status, settings).run)
-            print("ready", flush=True)
-            await anyio.sleep_forever()
-
-    anyio.run(main, int(sys.argv[1]), backend_options={{"use_uvloop": True}})
-    """
-).format(entries=ENTRIES)
 
 NGINX_CONF = """
 worker_processes 1;
@@ -163,11 +133,12 @@ def main() -> int:
         os.chmod(tmp, 0o755)
         api_port, nginx_port = free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        api = subprocess.Popen([sys.executable, "-c", SERVER, str(api_port)], env=env, stdout=subprocess.PIPE)
+        api = subprocess.Popen([sys.executable, "-m", "bench.api_process", "--port", str(api_port),
+                                "--entries", str(ENTRIES)], cwd=ROOT, env=env, stdout=subprocess.PIPE)
         nginx: subprocess.Popen[bytes] | None = None
         try:
             assert api.stdout is not None
-            if api.stdout.readline().strip() != b"ready":
+            if api.stdout.readline().split()[:1] != [b"ready"]:
                 raise RuntimeError("the API server did not start")
             api_base = f"http://127.0.0.1:{api_port}"
             entry_body, configs_body = fetch(api_base + ENTRY_PATH), fetch(api_base + "/v1/configs")

@@ -29,6 +29,7 @@ from agent.sinks.render import configs_body
 from agent.sinks.server import ApiServer, Listening
 from agent.status import SyncStatus
 from agent.store import Store
+from bench.common import ROOT
 from tests.builders import STAMP, change
 
 pytestmark = pytest.mark.anyio
@@ -561,37 +562,6 @@ async def test_stale_socket_file_is_replaced_and_removed_at_exit(tmp_path: Path)
     assert not path.exists()
 
 
-# The agent's API alone in a process, with 1,000 entries, so its RSS is measurable.
-SERVER = textwrap.dedent(
-    """
-    import sys, anyio
-    from agent.metrics import Metrics
-    from agent.model import Change
-    from agent.settings import Settings
-    from agent.sinks.server import ApiServer
-    from agent.status import SyncStatus
-    from agent.store import Store
-
-    async def main():
-        store = Store("acme")
-        store.apply(
-            [Change(f"svc{i % 20}", f"key{i}", {"n": i, "s": "x" * 40}, 1, i + 1, False, "t")
-             for i in range(1000)],
-            revision=1000, source="warmload",
-        )
-        status = SyncStatus(Metrics("acme"))
-        status.set_ready(True)
-        settings = Settings(org_id="acme", http_port=0, metrics_port=0)
-        async with anyio.create_task_group() as tg:
-            listening = await tg.start(ApiServer(store, status, settings).run)
-            print(listening.api[0][1], flush=True)
-            await anyio.sleep_forever()
-
-    anyio.run(main, backend_options={"use_uvloop": True})
-    """
-)
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -620,12 +590,14 @@ async def test_a_thousand_idle_watchers_cost_little(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
-    server = await anyio.open_process([sys.executable, "-c", SERVER])
+    # The agent's API alone in a process, with 1,000 entries, so its RSS is measurable.
+    server = await anyio.open_process([sys.executable, "-m", "bench.api_process", "--org", "acme",
+                                       "--entries", "1000"], cwd=ROOT)
     streams: list[anyio.abc.SocketStream] = []
     try:
         assert server.stdout is not None
         with anyio.fail_after(20):
-            port = int((await server.stdout.receive()).decode().split()[0])
+            port = int((await server.stdout.receive()).decode().split()[1])
         await timed_reads(port, 300)  # warm up: caches, allocator
         before_latency = await timed_reads(port, 1000)
         before_rss = rss_bytes(server.pid)

@@ -17,7 +17,6 @@ import select
 import socket
 import statistics
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from agent.settings import Settings
 from agent.sinks.server import ApiServer, Listening
 from agent.status import SyncStatus
 from agent.store import Store
+from bench.common import ROOT
 from tests.builders import change
 
 pytestmark = pytest.mark.anyio
@@ -313,43 +313,17 @@ async def test_one_socket_client_cannot_take_every_connection(serve: Serve) -> N
             await stream.aclose()
 
 
-# The agent's API alone in a process whose open-file limit is a common container default.
-FD_LIMITED_SERVER = textwrap.dedent(
-    """
-    import resource, anyio
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-    from agent.metrics import Metrics
-    from agent.model import Change
-    from agent.settings import Settings
-    from agent.sinks.server import ApiServer
-    from agent.status import SyncStatus
-    from agent.store import Store
-
-    async def main():
-        store = Store("acme")
-        store.apply([Change("ai", "threshold", 0.9, 1, 1, False, "t")], revision=1, source="warmload")
-        status = SyncStatus(Metrics("acme"))
-        status.set_ready(True)
-        settings = Settings(org_id="acme", http_port=0, metrics_port=0)
-        async with anyio.create_task_group() as tg:
-            listening = await tg.start(ApiServer(store, status, settings).run)
-            print(listening.api[0][1], flush=True)
-            await anyio.sleep_forever()
-
-    anyio.run(main, backend_options={"use_uvloop": True})
-    """
-)
-
-
 @pytest.mark.slow
 async def test_1500_held_connections_do_not_stop_a_normal_request() -> None:
     raise_fd_limit()
-    server = await anyio.open_process([sys.executable, "-c", FD_LIMITED_SERVER])
+    # The agent's API alone in a process whose open-file limit is a common container default.
+    server = await anyio.open_process([sys.executable, "-m", "bench.api_process", "--org", "acme", "--entries", "0",
+                                       "--entry", "ai", "threshold", "0.9", "--nofile", "1024"], cwd=ROOT)
     held: list[socket.socket] = []
     try:
         assert server.stdout is not None
         with anyio.fail_after(20):
-            port = int((await server.stdout.receive()).decode().split()[0])
+            port = int((await server.stdout.receive()).decode().split()[1])
 
         def scenario() -> tuple[float, list[float]]:
             for n in range(1500):  # half silent, half an incomplete head (slowloris)
