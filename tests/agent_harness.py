@@ -1,16 +1,24 @@
-"""Run a real agent in the test's event loop, and wait for conditions on it."""
+"""Run a real agent (or only its API server) in the test's event loop, and wait for conditions on it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import asyncpg
+import httpx
 
 from agent.app import Agent
-from agent.settings import load_settings
+from agent.metrics import Metrics
+from agent.settings import Settings, load_settings
+from agent.sinks.server import ApiServer, Listening
+from agent.status import SyncStatus
+from agent.store import Store
 from tests.servers import free_port
 
 
@@ -82,3 +90,54 @@ async def wait_http_ready(base_url: str, timeout: float, path: str = "/readyz") 
                 except httpx.TransportError:
                     pass
                 await anyio.sleep(0.05)
+
+
+@dataclass
+class Running:
+    """A running ApiServer (no agent around it) and clients for both of its listeners."""
+
+    store: Store
+    status: SyncStatus
+    server: ApiServer
+    listening: Listening
+    tcp: httpx.AsyncClient
+    uds: httpx.AsyncClient
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.listening.api[0]
+        return f"http://{host}:{port}"
+
+
+@asynccontextmanager
+async def serving_api(store: Store, tmp_path: Path, **server_options: Any) -> AsyncIterator[Running]:
+    """An ApiServer over `store` on 127.0.0.1:<free port> and <tmp>/api.sock, in this event loop."""
+    settings = Settings(org_id=store.snapshot.org_id, http_port=0, metrics_port=0,
+                        socket_path=tmp_path / "api.sock")
+    status = SyncStatus(Metrics(store.snapshot.org_id))
+    status.set_ready(True)
+    server = ApiServer(store, status, settings, **server_options)
+    async with anyio.create_task_group() as tg:
+        listening: Listening = await tg.start(server.run)
+        host, port = listening.api[0]
+        uds = httpx.AsyncHTTPTransport(uds=str(tmp_path / "api.sock"))
+        async with (
+            httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as tcp,
+            httpx.AsyncClient(transport=uds, base_url="http://agent", timeout=10) as unix,
+        ):
+            yield Running(store, status, server, listening, tcp, unix)
+        tg.cancel_scope.cancel()
+
+
+@contextmanager
+def api_in_thread(store: Store) -> Iterator[str]:
+    """An ApiServer over `store` in a background thread (for synchronous clients); its base URL."""
+    status = SyncStatus(Metrics(store.snapshot.org_id))
+    status.set_ready(True)
+    server = ApiServer(store, status, Settings(org_id=store.snapshot.org_id, http_port=0, metrics_port=0))
+    with anyio.from_thread.start_blocking_portal("asyncio", {"use_uvloop": True}) as portal:
+        future, listening = portal.start_task(server.run)
+        assert isinstance(listening, Listening)
+        host, port = listening.api[0]
+        yield f"http://{host}:{port}"
+        future.cancel()

@@ -30,6 +30,7 @@ from agent.sinks.server import ApiServer, Listening
 from agent.status import SyncStatus
 from agent.store import Store
 from bench.common import ROOT
+from tests.agent_harness import Running, serving_api
 from tests.builders import STAMP, change
 
 pytestmark = pytest.mark.anyio
@@ -54,23 +55,6 @@ def loaded_store(history: int = 10_000) -> Store:
     return store
 
 
-@dataclass
-class Running:
-    """A running ApiServer and clients for both of its listeners."""
-
-    store: Store
-    status: SyncStatus
-    server: ApiServer
-    listening: Listening
-    tcp: httpx.AsyncClient
-    uds: httpx.AsyncClient
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.listening.api[0]
-        return f"http://{host}:{port}"
-
-
 @pytest.fixture
 def store() -> Store:
     """The store the server reads; tests replace it by parametrizing this fixture."""
@@ -80,20 +64,8 @@ def store() -> Store:
 @pytest.fixture
 async def running(store: Store, tmp_path: Path) -> AsyncIterator[Running]:
     """An ApiServer on 127.0.0.1:<free port> and <tmp>/api.sock, heartbeat 0.2 s."""
-    settings = Settings(org_id=ORG, http_port=0, metrics_port=0, socket_path=tmp_path / "api.sock")
-    status = SyncStatus(Metrics(ORG))
-    status.set_ready(True)
-    server = ApiServer(store, status, settings, heartbeat=0.2)
-    async with anyio.create_task_group() as tg:
-        listening: Listening = await tg.start(server.run)
-        host, port = listening.api[0]
-        uds = httpx.AsyncHTTPTransport(uds=str(tmp_path / "api.sock"))
-        async with (
-            httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as tcp,
-            httpx.AsyncClient(transport=uds, base_url="http://agent", timeout=10) as unix,
-        ):
-            yield Running(store, status, server, listening, tcp, unix)
-        tg.cancel_scope.cancel()
+    async with serving_api(store, tmp_path, heartbeat=0.2) as running:
+        yield running
 
 
 async def test_reads_serve_the_snapshot_with_etag(running: Running) -> None:

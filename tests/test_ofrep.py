@@ -8,7 +8,6 @@ real OpenFeature SDKs against a real agent are in tests/test_flags_sdk.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,8 @@ import httpx
 import pytest
 
 import agent.flags.ofrep as ofrep
-from agent.metrics import Metrics
-from agent.settings import Settings
-from agent.sinks.server import ApiServer, Listening
-from agent.status import SyncStatus
 from agent.store import Store
+from tests.agent_harness import Running, serving_api
 from tests.builders import change
 
 pytestmark = pytest.mark.anyio
@@ -59,19 +55,13 @@ def flag_store() -> Store:
     return store
 
 
-@dataclass
-class Running:
-    store: Store
-    metrics: Metrics
-    tcp: httpx.AsyncClient
-    uds: httpx.AsyncClient
+async def evaluate(running: Running, key: str, context: dict[str, Any] | None = None) -> httpx.Response:
+    body = {} if context is None else {"context": context}
+    return await running.tcp.post(f"{EVALUATE}/{key}", json=body)
 
-    async def evaluate(self, key: str, context: dict[str, Any] | None = None) -> httpx.Response:
-        body = {} if context is None else {"context": context}
-        return await self.tcp.post(f"{EVALUATE}/{key}", json=body)
 
-    def count(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+def count(running: Running, name: str, **labels: str) -> float:
+    return running.status.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -81,48 +71,35 @@ def store() -> Store:
 
 @pytest.fixture
 async def running(store: Store, tmp_path: Path) -> AsyncIterator[Running]:
-    settings = Settings(org_id=ORG, http_port=0, metrics_port=0, socket_path=tmp_path / "api.sock")
-    metrics = Metrics(ORG)
-    status = SyncStatus(metrics)
-    status.set_ready(True)
-    server = ApiServer(store, status, settings)
-    async with anyio.create_task_group() as tg:
-        listening: Listening = await tg.start(server.run)
-        host, port = listening.api[0]
-        uds = httpx.AsyncHTTPTransport(uds=str(tmp_path / "api.sock"))
-        async with (
-            httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as tcp,
-            httpx.AsyncClient(transport=uds, base_url="http://agent", timeout=10) as unix,
-        ):
-            yield Running(store, metrics, tcp, unix)
-        tg.cancel_scope.cancel()
+    async with serving_api(store, tmp_path) as running:
+        yield running
 
 
 async def test_plain_values_are_static_flags(running: Running) -> None:
     expected = {"dark-mode": True, "greeting": "hello", "ratio": 0.25, "limits": {"rpm": 100}}
     for key, value in expected.items():
-        r = await running.evaluate(key)
+        r = await evaluate(running, key)
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         assert r.json() == {"key": key, "value": value, "reason": "STATIC", "variant": "static",
                             "metadata": {"flagSetId": "features", "version": "1"}}
     # Entries of other services are not flags.
-    r = await running.evaluate("threshold")
+    r = await evaluate(running, "threshold")
     assert r.status_code == 404
     assert r.json()["errorCode"] == "FLAG_NOT_FOUND" and r.json()["key"] == "threshold"
 
 
 async def test_targeting_by_context_attributes(running: Running) -> None:
     before = (await running.tcp.get("/v1/configs")).content
-    r = await running.evaluate("theme", {"targetingKey": "u1", "email": "ann@acme.com"})
+    r = await evaluate(running, "theme", {"targetingKey": "u1", "email": "ann@acme.com"})
     assert (r.json()["value"], r.json()["variant"], r.json()["reason"]) == ("blue", "acme", "TARGETING_MATCH")
-    r = await running.evaluate("theme", {"email": "bob@example.com"})
+    r = await evaluate(running, "theme", {"email": "bob@example.com"})
     assert (r.json()["value"], r.json()["variant"], r.json()["reason"]) == ("grey", "others", "DEFAULT")
-    r = await running.evaluate("theme")
+    r = await evaluate(running, "theme")
     assert r.json()["value"] == "grey"
     cases = [({"appVersion": "2.1.0"}, 2), ({"appVersion": "v2.0.9"}, 1), ({"region": "eu-west-1"}, 2),
              ({"region": "us-east-1", "appVersion": "1.0"}, 1)]
     for context, value in cases:
-        r = await running.evaluate("api-level", context)
+        r = await evaluate(running, "api-level", context)
         assert r.status_code == 200 and r.json()["value"] == value, context
     # Evaluating changed nothing the API serves (the evaluator rewrites what it is given).
     assert (await running.tcp.get("/v1/configs")).content == before
@@ -131,7 +108,7 @@ async def test_targeting_by_context_attributes(running: Running) -> None:
 
 
 async def test_fractional_rollout_is_even_stable_and_needs_a_targeting_key(running: Running) -> None:
-    r = await running.evaluate("rollout")
+    r = await evaluate(running, "rollout")
     assert r.status_code == 400
     assert r.json()["errorCode"] == "TARGETING_KEY_MISSING" and r.json()["key"] == "rollout"
     # The bulk path evaluates many keys cheaply; each answer carries every flag.
@@ -143,19 +120,19 @@ async def test_fractional_rollout_is_even_stable_and_needs_a_targeting_key(runni
     share = sum(first.values()) / len(first)
     assert 0.46 <= share <= 0.54, share
     for key in list(first)[:200]:
-        r = await running.evaluate("rollout", {"targetingKey": key})
+        r = await evaluate(running, "rollout", {"targetingKey": key})
         assert r.json()["value"] is first[key]
         assert r.json()["reason"] == "TARGETING_MATCH"
 
 
 async def test_disabled_flags_are_not_found_and_left_out_of_bulk(running: Running) -> None:
-    r = await running.evaluate("old-banner")
+    r = await evaluate(running, "old-banner")
     assert r.status_code == 404
     assert r.json() == {"key": "old-banner", "errorCode": "FLAG_NOT_FOUND",
                         "errorDetails": "flag 'old-banner' is disabled"}
     keys = [f["key"] for f in (await running.tcp.post(EVALUATE, json={})).json()["flags"]]
     assert "old-banner" not in keys and "dark-mode" in keys
-    assert running.count("config_agent_flag_evaluations_total", flag="old-banner", variant="",
+    assert count(running, "config_agent_flag_evaluations_total", flag="old-banner", variant="",
                          reason="DISABLED") == 2
 
 
@@ -180,7 +157,7 @@ async def test_malformed_requests_get_the_spec_error(running: Running, body: byt
     assert r.status_code == 400
     assert r.json()["errorCode"] == code and "key" not in r.json()
     # The agent still answers, and nothing changed.
-    assert (await running.evaluate("dark-mode")).json()["value"] is True
+    assert (await evaluate(running, "dark-mode")).json()["value"] is True
 
 
 async def test_what_is_not_an_evaluation_is_refused_in_json(running: Running, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,9 +181,9 @@ async def test_what_is_not_an_evaluation_is_refused_in_json(running: Running, mo
         r = await running.tcp.post(f"{EVALUATE}/{key}", json={})
         assert r.status_code == 404 and r.json()["errorCode"] == "FLAG_NOT_FOUND"
     # Unknown keys share one series: strangers cannot grow the metrics.
-    assert running.count("config_agent_flag_evaluations_total", flag="(unknown)", variant="",
+    assert count(running, "config_agent_flag_evaluations_total", flag="(unknown)", variant="",
                          reason="ERROR") == 4
-    assert running.count("config_agent_flag_errors_total", flag="(unknown)", code="FLAG_NOT_FOUND") == 4
+    assert count(running, "config_agent_flag_errors_total", flag="(unknown)", code="FLAG_NOT_FOUND") == 4
 
 
 async def test_a_definition_written_past_the_writer_is_a_parse_error(running: Running) -> None:
@@ -214,10 +191,10 @@ async def test_a_definition_written_past_the_writer_is_a_parse_error(running: Ru
                          change("features", "wrong-variant", {"state": "ENABLED", "variants": {"a": 1},
                                 "defaultVariant": "a", "targeting": {"if": [True, "zzz"]}}, 1, 11)],
                         revision=11, source="pubsub")
-    r = await running.evaluate("broken")
+    r = await evaluate(running, "broken")
     assert r.status_code == 400 and r.json()["errorCode"] == "PARSE_ERROR"
     assert "state" in r.json()["errorDetails"]
-    r = await running.evaluate("wrong-variant")
+    r = await evaluate(running, "wrong-variant")
     assert r.status_code == 400 and r.json()["errorCode"] == "GENERAL"
     flags = {f["key"]: f for f in (await running.tcp.post(EVALUATE, json={})).json()["flags"]}
     assert flags["broken"]["errorCode"] == "PARSE_ERROR" and flags["dark-mode"]["value"] is True
@@ -258,14 +235,14 @@ async def test_configuration_endpoint(running: Running) -> None:
 
 async def test_metrics_count_by_flag_variant_and_reason(running: Running) -> None:
     for email in ("a@acme.com", "b@acme.com", "c@example.com"):
-        await running.evaluate("theme", {"email": email})
-    await running.evaluate("dark-mode")
-    count = running.count
-    assert count("config_agent_flag_evaluations_total", flag="theme", variant="acme", reason="TARGETING_MATCH") == 2
-    assert count("config_agent_flag_evaluations_total", flag="theme", variant="others", reason="DEFAULT") == 1
-    assert count("config_agent_flag_evaluations_total", flag="dark-mode", variant="static", reason="STATIC") == 1
+        await evaluate(running, "theme", {"email": email})
+    await evaluate(running, "dark-mode")
+    evaluations = "config_agent_flag_evaluations_total"
+    assert count(running, evaluations, flag="theme", variant="acme", reason="TARGETING_MATCH") == 2
+    assert count(running, evaluations, flag="theme", variant="others", reason="DEFAULT") == 1
+    assert count(running, evaluations, flag="dark-mode", variant="static", reason="STATIC") == 1
     exposed = "\n".join(
-        f"{s.name}{s.labels}" for m in running.metrics.registry.collect() for s in m.samples
+        f"{s.name}{s.labels}" for m in running.status.metrics.registry.collect() for s in m.samples
         if s.name.startswith("config_agent_flag")
     )
     assert "acme.com" not in exposed and "example.com" not in exposed
@@ -289,7 +266,7 @@ async def test_same_answers_over_the_unix_socket(running: Running) -> None:
 
 @pytest.mark.parametrize("store", [Store(ORG)], ids=["unloaded"])
 async def test_evaluations_before_the_first_load_are_503(running: Running) -> None:
-    r = await running.evaluate("dark-mode")
+    r = await evaluate(running, "dark-mode")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
 
 
@@ -304,7 +281,7 @@ async def test_hostile_context_values_neither_fail_nor_flood_the_log(
     with caplog.at_level("DEBUG"):
         for context in contexts:
             for key in ("api-level", "theme"):
-                r = await running.evaluate(key, context)
+                r = await evaluate(running, key, context)
                 assert r.status_code == 200, (context, r.text)
     assert [rec for rec in caplog.records if rec.levelno >= 30] == []
     # Lone surrogates are valid JSON escapes but not UTF-8; the evaluator may quote them back.

@@ -11,29 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import anyio.from_thread
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from agent.metrics import Metrics
-from agent.settings import Settings
-from agent.sinks.server import ApiServer, Listening
-from agent.status import SyncStatus
-from tests.test_ofrep import ORG, flag_store
+from tests.agent_harness import api_in_thread
+from tests.test_ofrep import flag_store
 
 
 @pytest.fixture(scope="module")
 def api_url() -> Iterator[str]:
-    status = SyncStatus(Metrics(ORG))
-    status.set_ready(True)
-    server = ApiServer(flag_store(), status, Settings(org_id=ORG, http_port=0, metrics_port=0))
-    with anyio.from_thread.start_blocking_portal("asyncio", {"use_uvloop": True}) as portal:
-        future, listening = portal.start_task(server.run)
-        assert isinstance(listening, Listening)
-        host, port = listening.api[0]
-        yield f"http://{host}:{port}"
-        future.cancel()
+    with api_in_thread(flag_store()) as url:
+        yield url
 
 
 @pytest.mark.slow

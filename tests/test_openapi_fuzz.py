@@ -11,19 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import anyio.from_thread
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from agent.metrics import Metrics
 from agent.model import Change
-from agent.settings import Settings
 from agent.sinks.openapi import openapi_document
-from agent.sinks.server import ApiServer, Listening
-from agent.status import SyncStatus
 from agent.store import Store
+from tests.agent_harness import api_in_thread
 
 ORG = "acme"
 # Long-polls are part of the contract, but a fuzzer must not park for minutes.
@@ -46,15 +42,8 @@ def populated_store() -> Store:
 @pytest.fixture(scope="module")
 def api_url() -> Iterator[str]:
     """Base URL of an ApiServer running in a background thread."""
-    status = SyncStatus(Metrics(ORG))
-    status.set_ready(True)
-    server = ApiServer(populated_store(), status, Settings(org_id=ORG, http_port=0, metrics_port=0))
-    with anyio.from_thread.start_blocking_portal("asyncio", {"use_uvloop": True}) as portal:
-        future, listening = portal.start_task(server.run)
-        assert isinstance(listening, Listening)
-        host, port = listening.api[0]
-        yield f"http://{host}:{port}"
-        future.cancel()
+    with api_in_thread(populated_store()) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
