@@ -7,7 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -181,3 +185,36 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
     if check and proc.returncode != 0:
         raise AssertionError(f"config-agent {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+@contextmanager
+def agent_process(env: dict[str, str], url: str, log: Path,
+                  timeout: float = 30) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m agent run` with `env` (output to `log`), once `url`/readyz says 200.
+
+    On exit SIGTERM, and the agent must exit 0 within 10 s (else it is killed and the
+    test fails).
+    """
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"agent exited at start: {log.read_text()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:  # URLError is an OSError
+                pass
+            assert time.monotonic() < deadline, "agent not ready in time"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -26,7 +26,7 @@ import pytest
 
 from agent.db.writer import ConfigWriter
 from tests.output import OutputLines
-from tests.servers import free_port, run_cli
+from tests.servers import agent_process, free_port, run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SEEN_WITHIN = 10.0
@@ -61,20 +61,6 @@ async def _seed(db_url: str, org: str) -> None:
         await writer.set(org, "webhook", "url", "https://old.example.com", actor="test")
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "agent exited at start"
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError("agent not ready in time")
-
-
 @pytest.fixture
 def agent(db_url: str, redis_url: str, org: str, tmp_path: Path) -> Iterator[RunningAgent]:
     """`python -m agent run` serving HTTP, a Unix socket and files; stopped with SIGTERM."""
@@ -92,21 +78,11 @@ def agent(db_url: str, redis_url: str, org: str, tmp_path: Path) -> Iterator[Run
         "CONFIG_AGENT_OUTPUT_DIR": str(running.output_dir),
         "CONFIG_AGENT_SOCKET_PATH": str(running.socket_path),
     })
-    with open(tmp_path / "agent.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env,
-                                stdout=log, stderr=log)
     try:
-        _wait_ready(running.url, proc)
-        yield running
+        with agent_process(env, running.url, tmp_path / "agent.log"):
+            yield running
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            shutil.rmtree(short, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 class Example(OutputLines):

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +34,7 @@ from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
 from agent.db.writer import ConfigWriter
-from tests.servers import free_port, run_cli
+from tests.servers import agent_process, free_port, run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROLLOUT_KEYS = 10_000
@@ -88,30 +87,9 @@ def flag_agent(db_url: str, redis_url: str, org: str, tmp_path: Path) -> Iterato
     env.update({"CONFIG_AGENT_DATABASE_URL": db_url, "CONFIG_AGENT_REDIS_URL": redis_url,
                 "CONFIG_AGENT_ORG_ID": org, "CONFIG_AGENT_HTTP_PORT": str(port),
                 "CONFIG_AGENT_METRICS_PORT": str(free_port())})
-    with open(tmp_path / "agent.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "agent not ready in time"
-            time.sleep(0.05)
+    with agent_process(env, url, tmp_path / "agent.log"):
         yield FlagAgent(url, db_url, redis_url, org)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     log_text = (tmp_path / "agent.log").read_text()
     assert "Traceback" not in log_text and "ERROR" not in log_text, log_text
 
