@@ -86,11 +86,9 @@ class Agent:
             from agent.fleet import FleetReporter, default_agent_name
 
             self.reporter = FleetReporter(
-                settings.redis_url, org_id, settings.agent_name or default_agent_name(),
-                settings.agent_namespace, settings.services, settings.fleet_report_interval,
-                snapshot=lambda: self.store.snapshot, wait_newer=self.store.wait_newer,
-                status=self.status, password_file=settings.redis_password_file,
-                ca_file=settings.redis_ca_file,
+                settings.redis_url, settings.agent_name or default_agent_name(), settings.agent_namespace,
+                settings.services, settings.fleet_report_interval, store=self.store, status=self.status,
+                password_file=settings.redis_password_file, ca_file=settings.redis_ca_file,
             )
         self.listening: Listening | None = None  # where the API listens, once started
         self.file_sink = None

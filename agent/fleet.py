@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from redis.asyncio import Redis
@@ -36,6 +36,10 @@ from agent import __version__
 from agent.errors import RedisError
 from agent.model import NAME_RE, check_name
 from agent.redis_client import REDIS_ERRORS, any_client
+
+if TYPE_CHECKING:
+    from agent.status import SyncStatus
+    from agent.store import Store
 
 log = logging.getLogger("agent.fleet")
 
@@ -124,15 +128,14 @@ class AgentReport:
 class FleetReporter:
     """Writes this agent's report on every new snapshot and every `interval` when idle."""
 
-    def __init__(self, url: str, org_id: str, agent: str, namespace: str | None,
-                 services: Sequence[str], interval: float, *, snapshot: Callable[[], Any],
-                 wait_newer: Callable[[int], Any], status: Any, password_file: Path | None = None,
+    def __init__(self, url: str, agent: str, namespace: str | None, services: Sequence[str],
+                 interval: float, *, store: Store, status: SyncStatus, password_file: Path | None = None,
                  ca_file: Path | None = None, clock: Callable[[], float] = time.time) -> None:
         self._url, self._password_file, self._ca_file = url, password_file, ca_file
-        self._org_id, self._agent, self._namespace = org_id, agent, namespace
+        self._org_id, self._agent, self._namespace = store.snapshot.org_id, agent, namespace
         self._services = tuple(services)
         self._interval = interval
-        self._snapshot, self._wait_newer, self._status = snapshot, wait_newer, status
+        self._store, self._status = store, status
         self._clock = clock
         self._applied: tuple[int, float] = (-1, 0.0)  # (revision, when reached)
         self._failing = False
@@ -140,7 +143,7 @@ class FleetReporter:
 
     def report(self) -> AgentReport:
         """The report of this agent now."""
-        snap = self._snapshot()
+        snap = self._store.snapshot
         now = self._clock()
         if snap.revision != self._applied[0]:
             self._applied = (snap.revision, now)
@@ -160,11 +163,11 @@ class FleetReporter:
                 wait = last + MIN_GAP - time.monotonic()
                 if wait > 0:
                     await anyio.sleep(wait)
-                generation = self._snapshot().generation
+                generation = self._store.snapshot.generation
                 last = time.monotonic()
                 await self._write(client, self.report())
                 with anyio.move_on_after(self._interval):
-                    await self._wait_newer(generation)
+                    await self._store.wait_newer(generation)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 try:

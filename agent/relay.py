@@ -29,6 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.db.connect import connect, describe
+from agent.db.writer import ORG_REVISIONS
 from agent.errors import SourceError, UsageError
 from agent.fleet import FleetReader, fleet_rows
 from agent.model import Announcement, InvalidMessage, parse_announcement
@@ -47,15 +48,6 @@ SELECT h.org_id, h.service, h.key, h.version, h.revision,
                  WHERE h.org_id = o.org_id ORDER BY h.revision DESC LIMIT 1) h ON true
 """
 ORGS = "SELECT org_id FROM config_orgs ORDER BY org_id"
-# Per org: its revision and each service's newest revision (a filtered agent is behind
-# only when one of its services moved on).
-ORG_REVISIONS = """
-SELECT o.org_id, o.revision,
-       coalesce((SELECT jsonb_object_agg(service, revision)::text FROM (
-           SELECT service, max(revision) AS revision FROM service_configs c WHERE c.org_id = o.org_id
-            GROUP BY service) s), '{}') AS services
-  FROM config_orgs o ORDER BY o.org_id
-"""
 # The fleet summary (config_agent_fleet_*) is read every this many LISTEN proofs.
 FLEET_EVERY_PROOFS = 3
 PROBE = "SELECT pg_notify($1, $2)"
@@ -323,7 +315,7 @@ class Relay:
         now = time.time()
         try:
             with anyio.fail_after(5):
-                for row in await prober.fetch(ORG_REVISIONS, timeout=10):
+                for row in await prober.fetch(ORG_REVISIONS, None, timeout=10):
                     reports = await self.fleet.agents(row["org_id"])
                     rows = fleet_rows(reports, row["revision"], json.loads(row["services"]), now)
                     counts[row["org_id"]] = (len(rows), sum(1 for r in rows if r["behind"]),

@@ -70,13 +70,14 @@ SELECT id, org_id, service, key, version, revision, action, old_value::text AS o
  ORDER BY revision DESC
  LIMIT $4
 """
-# The org revision and, per service, the revision of its newest change (a filtered agent
-# is behind only if one of its services moved past its revision).
-SELECT_REVISIONS = """
-SELECT coalesce((SELECT revision FROM config_orgs WHERE org_id = $1), 0) AS org_revision,
+# Per org (all, or the one in $1): its revision and each service's newest revision (a
+# filtered agent is behind only when one of its services moved on). Also the relay's.
+ORG_REVISIONS = """
+SELECT o.org_id, o.revision,
        coalesce((SELECT jsonb_object_agg(service, revision)::text FROM (
-           SELECT service, max(revision) AS revision FROM service_configs WHERE org_id = $1
+           SELECT service, max(revision) AS revision FROM service_configs c WHERE c.org_id = o.org_id
             GROUP BY service) s), '{}') AS services
+  FROM config_orgs o WHERE $1::text IS NULL OR o.org_id = $1 ORDER BY o.org_id
 """
 SELECT_VERSION = """
 SELECT new_value::text AS value, deleted FROM config_history
@@ -274,9 +275,8 @@ class ConfigWriter:
     async def revisions(self, org_id: str) -> tuple[int, dict[str, int]]:
         """The org revision and each service's newest revision."""
         check_name("org", org_id)
-        row = await self._fetchrow(SELECT_REVISIONS, org_id)
-        assert row is not None
-        return row["org_revision"], json.loads(row["services"])
+        row = await self._fetchrow(ORG_REVISIONS, org_id)
+        return (row["revision"], json.loads(row["services"])) if row is not None else (0, {})
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         try:
