@@ -135,24 +135,15 @@ def test_run_with_a_socket_path_that_is_a_file(agent_env: dict[str, str], tmp_pa
     assert path.read_text() == "not a socket"
 
 
+@pytest.mark.parametrize("setting", ["CONFIG_AGENT_OUTPUT_DIR", "CONFIG_AGENT_STATE_DIR"])
 @pytest.mark.parametrize("command", ["run", "once"])
-def test_output_dir_that_cannot_be_a_directory(
-    agent_env: dict[str, str], tmp_path: Path, command: str
+def test_a_directory_setting_that_cannot_be_a_directory(
+    agent_env: dict[str, str], tmp_path: Path, command: str, setting: str
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = start(command, env={**agent_env, "CONFIG_AGENT_OUTPUT_DIR": str(blocker / "out")})
-    assert_one_line(proc, "CONFIG_AGENT_OUTPUT_DIR")
-
-
-@pytest.mark.parametrize("command", ["run", "once"])
-def test_state_dir_that_cannot_be_a_directory(
-    agent_env: dict[str, str], tmp_path: Path, command: str
-) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    proc = start(command, env={**agent_env, "CONFIG_AGENT_STATE_DIR": str(blocker / "state")})
-    assert_one_line(proc, "CONFIG_AGENT_STATE_DIR")
+    proc = start(command, env={**agent_env, setting: str(blocker / "dir")})
+    assert_one_line(proc, setting)
 
 
 def test_once_with_an_unreachable_database_and_no_snapshot(agent_env: dict[str, str], tmp_path: Path) -> None:
