@@ -32,6 +32,7 @@ from agent.store import Store
 from bench.common import ROOT
 from tests.agent_harness import Running, serving_api
 from tests.builders import STAMP, change
+from tests.rawhttp import exchange
 
 pytestmark = pytest.mark.anyio
 ORG = "acme"
@@ -405,30 +406,6 @@ async def test_changes_of_one_revision_share_one_resumable_id(running: Running) 
     assert [(e.data["key"], e.id) for e in events] == [("a", None), ("b", "11"), ("c", "12")]
 
 
-def raw_exchange(address: tuple[str, int], request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read one response (the server must answer within 5 s)."""
-    with socket.create_connection(address, timeout=5) as sock:
-        try:
-            sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer and close before reading everything
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, f"connection closed without a response: {data!r}"
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "connection closed mid-body"
-            body += chunk
-    return status, headers, body
-
-
 BAD_REQUESTS: list[tuple[bytes, int]] = [
     (b"GET /v1/configs/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
     (b"GET /v1/configs/%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", 404),
@@ -468,7 +445,7 @@ async def test_bad_requests_get_json_4xx(
     running: Running, request_bytes: bytes, expected: int
 ) -> None:
     for address in running.listening.api:
-        status, headers, body = await anyio.to_thread.run_sync(raw_exchange, address, request_bytes)
+        status, headers, body = await anyio.to_thread.run_sync(exchange, address, request_bytes)
         assert status == expected, body
         assert headers["content-type"] == "application/json"
         assert isinstance(json.loads(body)["error"], str)
