@@ -110,9 +110,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for w in workers:
                 w.stop()
-                for pipe in (w.proc.stdin, w.proc.stdout):
-                    if pipe is not None:
-                        pipe.close()
     return {"agents": args.agents, "processes": args.processes, "report_interval_s": args.report_interval,
             "idle": idle, "changes": changes,
             "returned_after_last_ms": summarize([c["returned_after_last_ms"] for c in changes]),

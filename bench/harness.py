@@ -55,6 +55,7 @@ class Worker:
         return [[(int(r), float(t)) for r, t in w] for w in doc["seen"]]
 
     def stop(self) -> None:
+        """Ask it to quit (kill it if it does not within 15 s), then close our pipes."""
         if self.proc.poll() is None:
             try:
                 assert self.proc.stdin is not None
@@ -64,6 +65,9 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:

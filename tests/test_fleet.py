@@ -308,9 +308,6 @@ async def test_50_agents_wait_returns_promptly_and_names_exactly_the_3_cut_off(
     finally:
         for w in workers:
             w.stop()
-            for pipe in (w.proc.stdin, w.proc.stdout):
-                if pipe is not None:
-                    pipe.close()
         pg_proxy.close()
         redis_proxy.close()
 
