@@ -18,7 +18,6 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-import anyio
 from prometheus_client import Counter
 
 import agent
@@ -32,8 +31,11 @@ from agent.sinks.responses import (
     Receive,
     Scope,
     Send,
+    check_read_method,
     etag_matches,
     header,
+    loaded_snapshot,
+    read_body,
     send_body,
     send_not_modified,
 )
@@ -47,9 +49,7 @@ BODY_TIMEOUT = 10.0
 # Providers that poll should not come more often than this (the agent answers a poll from
 # memory, so this is about the app's network, not the agent's load).
 MIN_POLLING_INTERVAL_MS = 1000
-RETRY_AFTER = (b"retry-after", b"1")
 ALLOW_POST = (b"allow", b"POST")
-ALLOW_GET = (b"allow", b"GET, HEAD")
 
 
 def configuration_document() -> dict[str, Any]:
@@ -85,18 +85,17 @@ class OfrepRoutes:
         path: str = scope["path"]
         method: str = scope["method"]
         if path == CONFIGURATION:
-            if method not in ("GET", "HEAD"):
-                raise BadRequest(f"method {method} not allowed", 405, [ALLOW_GET])
+            check_read_method(scope)
             await self._send_configuration(scope, send)
             return
         if path != EVALUATE and not path.startswith(EVALUATE + "/"):
             raise BadRequest("no such path", 404)
         if method != "POST":
             raise BadRequest(f"method {method} not allowed", 405, [ALLOW_POST])
-        body = await _read_body(receive)
+        body = await read_body(receive, MAX_BODY_BYTES, BODY_TIMEOUT)
         if body is None:
             return  # the client went away
-        snapshot = self._loaded()
+        snapshot = loaded_snapshot(self._store)
         if path == EVALUATE:
             await self._bulk(scope, send, snapshot, body)
         else:
@@ -152,12 +151,6 @@ class OfrepRoutes:
             return
         await send_body(send, 200, self._configuration, JSON, [(b"etag", etag)])
 
-    def _loaded(self) -> Snapshot:
-        snapshot = self._store.snapshot
-        if not snapshot.loaded:
-            raise BadRequest("not loaded yet", 503, [RETRY_AFTER])
-        return snapshot
-
     def _record(self, result: Result) -> None:
         self._count(result.flag_label, result.variant, result.reason, result.error_code)
 
@@ -174,6 +167,7 @@ class OfrepRoutes:
                 errors = self._error_counters[(flag, error_code)] = self._errors.labels(flag=flag, code=error_code)
             errors.inc()
 
+
 def dump_json(doc: Any) -> bytes:
     """JSON in ASCII: a context may hold lone surrogates (valid JSON escapes, not UTF-8), and
     the evaluator's error details may quote it."""
@@ -185,24 +179,3 @@ def _bulk_etag(revision: int, context: dict[str, Any]) -> bytes:
     canonical = json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
     return b'"%d-%s"' % (revision, digest.encode())
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request body (None if the client disconnected); 400 past 64 KiB, 408 past 10 s."""
-    chunks: list[bytes] = []
-    size = 0
-    with anyio.move_on_after(BODY_TIMEOUT) as deadline:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise BadRequest(f"request body over {MAX_BODY_BYTES // 1024} KiB", 413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-    assert deadline.cancelled_caught
-    raise BadRequest("request body not received in time", 408)
-

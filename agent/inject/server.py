@@ -21,7 +21,17 @@ import uvicorn
 from agent.errors import SinkError, UsageError
 from agent.inject.review import BadReview, respond
 from agent.inject.values import Values
-from agent.sinks.responses import NO_CACHE, Receive, Scope, Send, send_body, send_error
+from agent.sinks.responses import (
+    NO_CACHE,
+    READ_METHODS,
+    BadRequest,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_body,
+    send_error,
+)
 
 log = logging.getLogger("agent.inject")
 
@@ -41,38 +51,25 @@ class WebhookApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if path in ("/healthz", "/readyz") and method in ("GET", "HEAD"):
+        if path in ("/healthz", "/readyz") and method in READ_METHODS:
             await send_body(send, 200, b'{"status":"ok"}\n', headers=[NO_CACHE])
         elif path != "/mutate":
             await send_error(send, 404, "no such path")
         elif method != "POST":
             await send_error(send, 405, f"method {method} not allowed", [(b"allow", b"POST")])
         else:
-            body = await _read_body(receive)
-            if body is None:
-                await send_error(send, 413, f"the body is larger than {MAX_BODY} bytes")
-                return
             try:
+                body = await read_body(receive, MAX_BODY)
+                if body is None:
+                    return  # the API server went away
                 answer = respond(body, self._values)
+            except BadRequest as exc:
+                await send_error(send, exc.status, exc.message, exc.headers)
+                return
             except BadReview as exc:
                 await send_error(send, 400, str(exc))
                 return
             await send_body(send, 200, json.dumps(answer).encode())
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b""
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 @dataclass(frozen=True)

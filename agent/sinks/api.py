@@ -26,18 +26,19 @@ from agent.model import NAME_RE
 from agent.sinks import render
 from agent.sinks.openapi import openapi_document
 from agent.sinks.responses import (
-    ALLOW_READ,
     JSON,
     NO_CACHE,
-    READ_METHODS,
+    RETRY_AFTER,
     TEXT,
     BadRequest,
     Receive,
     Scope,
     Send,
+    check_read_method,
     etag_matches,
     header,
     int_param,
+    loaded_snapshot,
     query_params,
     seconds_param,
     send_body,
@@ -56,8 +57,6 @@ log = logging.getLogger("agent.api")
 MAX_WAIT = 300.0
 # `?after=` without `?wait=` waits this long (Consul-style blocking query default).
 DEFAULT_WAIT = 30.0
-# Client advice while we are not loaded yet or shutting down.
-RETRY_AFTER = (b"retry-after", b"1")
 HEARTBEAT = 15.0
 
 _OK = render.dump_json({"status": "ok"}) + b"\n"
@@ -96,7 +95,7 @@ class ApiApp:
             parts = path[len("/v1/configs/") :].split("/")
             if len(parts) > 2 or not all(NAME_RE.fullmatch(part) for part in parts):
                 raise BadRequest("no such service or key", 404)
-            _check_method(scope)
+            check_read_method(scope)
             if len(parts) == 1:
                 await self._service(scope, send, parts[0])
             else:
@@ -115,14 +114,8 @@ class ApiApp:
         }.get(path)
         if handler is None:
             raise BadRequest("no such path", 404)
-        _check_method(scope)
+        check_read_method(scope)
         await handler(scope, receive, send)
-
-    def _loaded(self) -> Snapshot:
-        snapshot = self._store.snapshot
-        if not snapshot.loaded:
-            raise BadRequest("not loaded yet", 503, [RETRY_AFTER])
-        return snapshot
 
     async def _configs(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = query_params(scope)
@@ -136,7 +129,7 @@ class ApiApp:
                 await send_not_modified(send, b'"%d"' % self._store.snapshot.revision)
                 return
         else:
-            snapshot = self._loaded()
+            snapshot = loaded_snapshot(self._store)
         await _send_cached(scope, send, snapshot, render.configs_body(snapshot), JSON)
 
     async def _long_poll(self, receive: Receive, after: int, wait: float) -> Snapshot | None:
@@ -156,14 +149,14 @@ class ApiApp:
         return await self.open_requests.wait(receive, newer, wait)
 
     async def _service(self, scope: Scope, send: Send, service: str) -> None:
-        snapshot = self._loaded()
+        snapshot = loaded_snapshot(self._store)
         body = render.service_bodies(snapshot).get(service)
         if body is None:
             raise BadRequest(f"no such service {service!r}", 404)
         await _send_cached(scope, send, snapshot, body, JSON)
 
     async def _entry(self, scope: Scope, send: Send, service: str, key: str) -> None:
-        snapshot = self._loaded()
+        snapshot = loaded_snapshot(self._store)
         fmt = query_params(scope).get("format", "json") if scope["query_string"] else "json"
         if fmt == "json":
             body, content_type = render.entry_body(snapshot, service, key), JSON
@@ -190,13 +183,6 @@ class ApiApp:
 
     async def _openapi_document(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_body(send, 200, self._openapi, JSON)
-
-
-def _check_method(scope: Scope) -> None:
-    if scope["method"] not in READ_METHODS:
-        raise BadRequest(
-            f"method {scope['method']} not allowed", 405, [(b"allow", ALLOW_READ)]
-        )
 
 
 async def _send_cached(

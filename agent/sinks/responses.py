@@ -7,10 +7,15 @@ beforehand, which keeps a plain read at a few microseconds of Python.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import anyio
+
 from agent.sinks.render import dump_json
+
+if TYPE_CHECKING:
+    from agent.store import Snapshot, Store
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,6 +31,8 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_INT = 2**63 - 1
 # Values change at any moment: caches must revalidate (ETag makes that cheap).
 NO_CACHE = (b"cache-control", b"no-cache")
+# Client advice while we are not loaded yet or shutting down.
+RETRY_AFTER = (b"retry-after", b"1")
 
 
 class BadRequest(Exception):
@@ -147,3 +154,39 @@ async def read_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def check_read_method(scope: Scope) -> None:
+    """BadRequest 405 (with Allow) unless the request is a GET or HEAD."""
+    if scope["method"] not in READ_METHODS:
+        raise BadRequest(f"method {scope['method']} not allowed", 405, [(b"allow", ALLOW_READ)])
+
+
+def loaded_snapshot(store: Store) -> Snapshot:
+    """The store's snapshot; BadRequest 503 (Retry-After) until the first load."""
+    snapshot = store.snapshot
+    if not snapshot.loaded:
+        raise BadRequest("not loaded yet", 503, [RETRY_AFTER])
+    return snapshot
+
+
+async def read_body(receive: Receive, limit: int, within: float | None = None) -> bytes | None:
+    """The request body, or None when the client went away; BadRequest 413 past `limit`
+    bytes, 408 when it has not all arrived `within` seconds (None: no deadline)."""
+    chunks: list[bytes] = []
+    size = 0
+    with anyio.move_on_after(within) as deadline:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"the request body is larger than {limit // 1024} KiB", 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    assert deadline.cancelled_caught
+    raise BadRequest("request body not received in time", 408)
+
