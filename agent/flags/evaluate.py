@@ -82,25 +82,25 @@ def evaluate(flags: FlagSet, key: str, context: EvaluationContext) -> Result:
     """Evaluate flag `key` for `context`; never raises."""
     flag = flags.flags.get(key)
     if flag is None:
-        return _failure(404, key, UNKNOWN_FLAG, ErrorCode.FLAG_NOT_FOUND, f"flag {key!r} does not exist")
+        return failure(404, key, UNKNOWN_FLAG, ErrorCode.FLAG_NOT_FOUND, f"flag {key!r} does not exist")
     if flag.disabled:
-        result = _failure(404, key, key, ErrorCode.FLAG_NOT_FOUND, f"flag {key!r} is disabled")
+        result = failure(404, key, key, ErrorCode.FLAG_NOT_FOUND, f"flag {key!r} is disabled")
         return Result(result.status, result.document, key, "", "DISABLED", result.error_code)
     if flag.problem is not None:
-        return _failure(400, key, key, ErrorCode.PARSE_ERROR, f"flag {key!r} is not a valid flag "
+        return failure(400, key, key, ErrorCode.PARSE_ERROR, f"flag {key!r} is not a valid flag "
                         f"definition: {flag.problem}")
     if flag.resolve is None:
         return _success(flag, flag.value, STATIC_VARIANT, "STATIC")
     if flag.needs_targeting_key and not context.targeting_key:
-        return _failure(400, key, key, ErrorCode.TARGETING_KEY_MISSING,
+        return failure(400, key, key, ErrorCode.TARGETING_KEY_MISSING,
                         f"flag {key!r} is a percentage rollout: context.targetingKey is required")
     try:
         details = flag.resolve(key, flag.placeholder, context)
     except OpenFeatureError as exc:
         code = exc.error_code if exc.error_code in _OFREP_CODES else ErrorCode.GENERAL
-        return _failure(400, key, key, code, exc.error_message or str(code))
+        return failure(400, key, key, code, exc.error_message or str(code))
     except Exception as exc:  # noqa: BLE001 - a stranger's context must not break the API
-        return _failure(400, key, key, ErrorCode.GENERAL, f"flag {key!r} could not be evaluated: "
+        return failure(400, key, key, ErrorCode.GENERAL, f"flag {key!r} could not be evaluated: "
                         f"{type(exc).__name__}")
     if details.variant is None:
         # defaultVariant null and no rule matched: the code default (answered without a value).
@@ -120,6 +120,7 @@ def _success(flag: Flag, value: Any, variant: str, reason: str) -> Result:
     return Result(200, document, flag.key, variant, reason)
 
 
-def _failure(status: int, key: str, label: str, code: ErrorCode, details: str) -> Result:
+def failure(status: int, key: str, label: str, code: ErrorCode, details: str) -> Result:
+    """An OFREP error answer for flag `key`, counted under flag label `label`."""
     document = {"key": key, "errorCode": str(code), "errorDetails": details}
     return Result(status, document, label, "", "ERROR", str(code))

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import Counter
 
 import agent
-from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, Result, evaluate, parse_context
+from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, Result, evaluate, failure, parse_context
 from agent.flags.flagset import FlagSet, flag_set
 from agent.metrics import Metrics
 from agent.sinks.responses import (
@@ -112,12 +112,9 @@ class OfrepRoutes:
         try:
             context, _ = parse_context(body)
         except RequestError as exc:
-            label = key if key in flags.flags else UNKNOWN_FLAG
-            self._count(label, "", "ERROR", str(exc.code))
-            document = {"key": key, "errorCode": str(exc.code), "errorDetails": exc.details}
-            await send_body(send, 400, dump_json(document), JSON)
-            return
-        result = evaluate(flags, key, context)
+            result = failure(400, key, key if key in flags.flags else UNKNOWN_FLAG, exc.code, exc.details)
+        else:
+            result = evaluate(flags, key, context)
         self._record(result)
         await send_body(send, result.status, dump_json(result.document), JSON)
 
@@ -152,10 +149,8 @@ class OfrepRoutes:
         await send_body(send, 200, self._configuration, JSON, [(b"etag", etag)])
 
     def _record(self, result: Result) -> None:
-        self._count(result.flag_label, result.variant, result.reason, result.error_code)
-
-    def _count(self, flag: str, variant: str, reason: str, error_code: str) -> None:
         # Children looked up once per label set: labels() takes a lock and builds a key.
+        flag, variant, reason, error_code = result.flag_label, result.variant, result.reason, result.error_code
         ident = (flag, variant, reason)
         counter = self._counters.get(ident)
         if counter is None:
