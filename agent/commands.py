@@ -16,7 +16,7 @@ from agent.db.connect import connect, read_secret
 from agent.db.migrate import migrate
 from agent.db.writer import ConfigWriter, WriteResult
 from agent.errors import RedisError, UsageError
-from agent.fleet import FleetProgress, describe_agent, fleet_rows
+from agent.fleet import FleetProgress, describe_agent, fleet_counts, fleet_rows
 from agent.inject.commands import cmd_helm_values, cmd_inject
 from agent.model import parse_value
 from agent.settings import Settings
@@ -180,8 +180,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return org_revision, fleet_rows(reports, org_revision, services, time.time())
 
     org_revision, rows = run_async(go)
-    behind = sum(1 for r in rows if r["behind"])
-    stale = sum(1 for r in rows if r["stale"])
     if args.json:
         print(json.dumps({"org_id": args.org, "revision": org_revision, "agents": rows}, ensure_ascii=False))
         return 0
@@ -190,7 +188,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                   "reported": f"{r['report_age_s']:.1f}s ago", "services": ",".join(r["services"]) or "*"}
              for r in rows]
     print(table(shown, ("agent", "revision", "behind", "stale", "ready", "redis", "db", "reported", "services")))
-    print(f"org {args.org} at revision {org_revision}: {len(rows)} live agent(s), {behind} behind, {stale} stale")
+    agents, behind, stale, _ = fleet_counts(rows)
+    print(f"org {args.org} at revision {org_revision}: {agents} live agent(s), {behind} behind, {stale} stale")
     return 0
 
 

@@ -336,3 +336,9 @@ def fleet_rows(reports: Sequence[AgentReport], org_revision: int, service_revisi
                                row["redis_connected"] and row["db_connected"], -row["report_age_s"],
                                row["namespace"] or "", row["agent"]))
     return rows
+
+
+def fleet_counts(rows: Sequence[dict[str, Any]]) -> tuple[int, int, int, int]:
+    """(agents, behind, stale, unready) of `fleet_rows`: the summary of `status` and the relay."""
+    return (len(rows), sum(1 for r in rows if r["behind"]), sum(1 for r in rows if r["stale"]),
+            sum(1 for r in rows if not r["ready"]))

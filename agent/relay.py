@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from agent.db.connect import connect, describe
 from agent.db.writer import ORG_REVISIONS
 from agent.errors import SourceError, UsageError
-from agent.fleet import FleetReader, fleet_rows
+from agent.fleet import FleetReader, fleet_counts, fleet_rows
 from agent.model import Announcement, InvalidMessage, parse_announcement
 from agent.redis_client import RedisPublisher, publish_forms
 from agent.settings import Settings
@@ -317,10 +317,8 @@ class Relay:
             with anyio.fail_after(5):
                 for row in await prober.fetch(ORG_REVISIONS, None, timeout=10):
                     reports = await self.fleet.agents(row["org_id"])
-                    rows = fleet_rows(reports, row["revision"], json.loads(row["services"]), now)
-                    counts[row["org_id"]] = (len(rows), sum(1 for r in rows if r["behind"]),
-                                             sum(1 for r in rows if r["stale"]),
-                                             sum(1 for r in rows if not r["ready"]))
+                    counts[row["org_id"]] = fleet_counts(
+                        fleet_rows(reports, row["revision"], json.loads(row["services"]), now))
         except (SourceError, TimeoutError) as exc:
             if not self._fleet_failing:
                 log.warning("cannot read the agents' reports for config_agent_fleet_*: %s", exc or "timed out")
