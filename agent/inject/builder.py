@@ -56,6 +56,11 @@ class Injection:
     pod_labels: dict[str, str]
     pod_security_context: Obj    # fields set only where the pod has none
 
+    @property
+    def added_containers(self) -> list[Obj]:
+        """Every container injection adds; the agent itself is the last."""
+        return self.init_containers + self.containers
+
 
 def go_string(value: Any) -> str:
     """Helm's `toString` of a values number (float64 in Helm): 300 → "300", 0.2 → "0.2"."""

@@ -65,30 +65,33 @@ def patch_for(pod: Obj, injected: Obj) -> list[Obj]:
 
 def already_has_agent(pod: Obj) -> bool:
     """True when a container named config-agent is in the pod (e.g. the chart's include path)."""
-    spec = pod.get("spec") or {}
-    names = {c.get("name") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
-    return AGENT_CONTAINER in names
+    return AGENT_CONTAINER in {c.get("name") for c in _containers(pod.get("spec") or {})}
+
+
+def _containers(spec: Obj) -> list[Obj]:
+    """Every container of a pod spec: init containers (native sidecars too), then app containers."""
+    return (spec.get("initContainers") or []) + (spec.get("containers") or [])
 
 
 def _check_free_names(spec: Obj, injection: Injection) -> None:
-    taken = {c.get("name") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
-    for container in injection.init_containers + injection.containers:
+    taken = {c.get("name") for c in _containers(spec)}
+    for container in injection.added_containers:
         if container["name"] in taken:
             raise UsageError(f"the pod already has a container named {container['name']}")
     volumes = {v.get("name") for v in spec.get("volumes") or []}
     for volume in injection.volumes:
         if volume["name"] in volumes:
             raise UsageError(f"the pod already has a volume named {volume['name']}")
-    agent_paths = [m["mountPath"] for m in (injection.init_containers + injection.containers)[0]["volumeMounts"]]
+    agent_paths = [m["mountPath"] for m in injection.added_containers[0]["volumeMounts"]]
     if len(set(agent_paths)) != len(agent_paths):
         raise UsageError(f"the agent's directories must differ, got {', '.join(agent_paths)}")
 
 
 def _check_free_ports(spec: Obj, injection: Injection) -> None:
-    agent = (injection.init_containers + injection.containers)[-1]
+    agent = injection.added_containers[-1]
     agent_env = {e["name"]: e.get("value") for e in agent.get("env", [])}
     ours = {int(agent_env["CONFIG_AGENT_HTTP_PORT"]), int(agent_env["CONFIG_AGENT_METRICS_PORT"])}
-    for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+    for container in _containers(spec):
         for port in container.get("ports") or []:
             if port.get("containerPort") in ours:
                 raise UsageError(f"container {container.get('name')} uses port {port['containerPort']}, "
