@@ -10,16 +10,13 @@ Built by builder.build, like the webhook's patch, so both add the same objects.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
+
+import yaml
 
 from agent.inject.builder import Injection
 
 STYLES = ("bitnami", "grafana")
-_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
-# Words a YAML 1.1 reader takes for a boolean or null, in any case: quoted as keys.
-_YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null"}
 
 
 def values_for(injection: Injection, style: str) -> dict[str, Any]:
@@ -43,66 +40,23 @@ def values_for(injection: Injection, style: str) -> dict[str, Any]:
     }
 
 
-def to_yaml(node: Any, indent: int = 0) -> str:
-    """Block-style YAML of JSON-like data; strings JSON-quoted (valid YAML double-quoted
-    scalars), so no value is ever read back as another type, except multi-line map values
-    that read back unchanged as a literal `|` block. Ends with a newline."""
-    return "".join(line + "\n" for line in _lines(node, indent))
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper; multi-line strings as `|` blocks (Grafana's extraContainers)."""
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, float):
-        mantissa, e, exponent = repr(value).partition("e")
-        # YAML 1.1 readers (PyYAML) take 5e-324 for a string: give the mantissa a point.
-        return mantissa + ("" if "." in mantissa or not e else ".0") + e + exponent
-    if not isinstance(value, str):
-        return json.dumps(value)
-    # JSON's escapes are YAML's too, except surrogate pairs: escape by code point instead.
-    return "".join(c if c.isprintable() else f"\\U{ord(c):08x}" for c in json.dumps(value, ensure_ascii=False))
+def _string(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    # PyYAML falls back to a quoted scalar when a block would not read back unchanged.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
 
 
-def _key(key: str) -> str:
-    return key if _PLAIN_KEY.fullmatch(key) and key.lower() not in _YAML_WORDS else _scalar(key)
+_Dumper.add_representer(str, _string)
 
 
-def _lines(node: Any, indent: int) -> list[str]:
-    pad = " " * indent
-    lines: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if _literal_block_fits(value):
-                lines.append(f"{pad}{_key(key)}: |")
-                lines += [f"{pad}  {line}" if line else "" for line in value.splitlines()]
-            elif isinstance(value, dict | list) and value:
-                lines.append(f"{pad}{_key(key)}:")
-                lines += _lines(value, indent + 2)
-            else:
-                lines.append(f"{pad}{_key(key)}: {_empty_or_scalar(value)}")
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, dict | list) and item:
-                inner = _lines(item, indent + 2)
-                lines.append(f"{pad}- {inner[0].lstrip()}")
-                lines += inner[1:]
-            else:
-                lines.append(f"{pad}- {_empty_or_scalar(item)}")
-    else:
-        lines.append(pad + _scalar(node))
-    return lines
-
-
-def _literal_block_fits(value: Any) -> bool:
-    """A multi-line string that reads back unchanged as a `|` block (Grafana's extraContainers)."""
-    if not isinstance(value, str) or "\n" not in value.rstrip("\n") or not value.endswith("\n"):
-        return False
-    lines = value[:-1].split("\n")
-    return (not value.endswith("\n\n") and not lines[0].startswith(" ") and "\t" not in value and "\r" not in value
-            and all(line == line.rstrip() for line in lines))
-
-
-def _empty_or_scalar(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[]"
-    return _scalar(value)
+def to_yaml(node: Any) -> str:
+    """Block-style YAML of JSON-like data, keys in their order, that PyYAML (and Helm) read
+    back unchanged: strings like "yes" or "0660" quoted. Ends with a newline; an empty map
+    or list is an empty document (nothing to add)."""
+    if not node:
+        return ""
+    return yaml.dump(node, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=False,
+                     width=1 << 30)
