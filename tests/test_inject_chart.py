@@ -174,8 +174,10 @@ def test_the_webhook_gets_this_releases_agent_values(chart: Any, tmp_path: Path)
     passed = json.loads(by_kind(render(chart, ENABLED))["ConfigMap"]["data"]["values.json"])
     assert passed.keys() == DEFAULTS.keys(), "the chart passes every key the builder reads, and only those"
     custom = configmap_values({**ENABLED, "image": {"repository": "registry.example.com/ca", "tag": "9.9.9"},
-                               "database": {"urlSecret": {"name": "reader", "key": "url"}}})
+                               "database": {"urlSecret": {"name": "reader", "key": "url"}},
+                               "flagServices": ["flags", "features"]})
     assert custom["image"]["repository"] == "registry.example.com/ca"
+    assert custom["flagServices"] == ["flags", "features"]
     assert custom["database"]["urlSecret"] == {"name": "reader", "key": "url"}
 
 

@@ -133,7 +133,7 @@ def _env(values: Values) -> list[Obj]:
     env = [_value("CONFIG_AGENT_ORG_ID", values["orgId"])]
     if values.get("services"):
         env.append(_value("CONFIG_AGENT_SERVICES", ",".join(values["services"])))
-    env.append(_value("CONFIG_AGENT_FLAG_SERVICES", ",".join(values.get("flagServices", ["features"]))))
+    env.append(_value("CONFIG_AGENT_FLAG_SERVICES", ",".join(values["flagServices"])))
     env.append(_secret_ref("CONFIG_AGENT_DATABASE_URL", db["urlSecret"]))
     if (db.get("readUrlSecret") or {}).get("name"):
         env.append(_secret_ref("CONFIG_AGENT_DATABASE_READ_URL", db["readUrlSecret"]))

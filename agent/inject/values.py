@@ -21,6 +21,7 @@ Values = dict[str, Any]
 DEFAULTS: Values = {
     "mode": "native",
     "services": [],
+    "flagServices": ["features"],
     "image": {"repository": "config-agent", "tag": "0.1.0", "digest": "", "pullPolicy": "IfNotPresent"},
     "database": {
         "urlSecret": {"name": "config-agent", "key": "database-url"},
