@@ -18,6 +18,7 @@ import asyncpg
 from agent.db.connect import CONNECTION_ERRORS, connect, describe
 from agent.errors import DatabaseBusyError, DatabaseError, OrgNotReadableError
 from agent.model import Change
+from agent.sources.backoff import jittered
 
 # Row-level security hides another org's rows without an error, so "no entries yet"
 # and "this role may not read this org" look alike. This asks the reader policy's own
@@ -33,18 +34,24 @@ CASE WHEN NOT row_security_active('service_configs')
 # back right after its read (PgSource.crowded) instead of agents holding idle ones.
 # It counts the server's slots and, when the role has a CONNECTION LIMIT (grant-reader
 # --connection-limit), the role's own budget: what keeps slots free for other clients.
-FREE_SLOTS = """(SELECT least(
+# pg_stat_activity copies every backend's status entry, so this costs O(backends): it
+# never rides on a read (a fleet's change would cost O(pods²)), it is sampled when a
+# connection opens (which costs the server a process anyway) and on a held connection
+# at most every FREE_SLOTS_EVERY seconds.
+FREE_SLOTS = """
+SELECT least(
         current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
             - count(*)::int,
         (SELECT nullif(rolconnlimit, -1) FROM pg_roles WHERE rolname = current_user)
-            - count(*) FILTER (WHERE usename = current_user)::int)
-   FROM pg_stat_activity WHERE backend_type = 'client backend')"""
+            - count(*) FILTER (WHERE usename = current_user)::int) AS free_slots
+  FROM pg_stat_activity WHERE backend_type = 'client backend'
+"""
+FREE_SLOTS_EVERY = 60.0
 ORG_ACCESS = f"SELECT current_user::text AS role_name, {READER_ORG} AS reader_org"
 # Entries live now (deleted ones are not served), plus the org revision and whether
 # this role may read the org at all.
 WARM_LOAD = f"""
 SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
-       {FREE_SLOTS} AS free_slots,
        current_user::text AS role_name, {READER_ORG} AS reader_org,
        c.service, c.key, c.value::text AS value, c.version, c.revision, c.deleted,
        c.updated_at
@@ -53,9 +60,8 @@ SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
     ON c.org_id = $1 AND NOT c.deleted AND ($2::text[] IS NULL OR c.service = ANY($2))
 """
 # Every change after a revision, in revision order, plus the org revision.
-CHANGES_SINCE = f"""
+CHANGES_SINCE = """
 SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
-       {FREE_SLOTS} AS free_slots,
        h.service, h.key, h.new_value::text AS value, h.version, h.revision, h.deleted,
        h.changed_at AS updated_at
   FROM (SELECT 1) AS one
@@ -67,9 +73,9 @@ SELECT (SELECT revision FROM config_orgs WHERE org_id = $1) AS org_revision,
          LIMIT $4) h ON true
 """
 DELTA_PAGE = 5000
-# After PostgreSQL refused a connection (too many clients), or showed fewer than
-# CROWDED_FREE_SLOTS free connection slots, close the connection after every read for
-# this long, so that a crowded server gets its slots back at once.
+# After PostgreSQL refused a connection (too many clients), or a sample showed fewer
+# than CROWDED_FREE_SLOTS free connection slots, close the connection after every read
+# for this long, so that a crowded server gets its slots back at once.
 CROWDED_SECONDS = 30.0
 CROWDED_FREE_SLOTS = 5
 
@@ -133,6 +139,8 @@ class PgSource:
         self.connects = 0  # for tests and benchmarks: connections opened
         self.last_used = time.monotonic()
         self._crowded_until = 0.0
+        self._slots_due = 0.0  # when a held connection samples the free slots again
+        self.slot_samples = 0  # for tests: free-slot samples taken
 
     async def warm_load(self) -> Fetched:
         """Every live entry of the org (filtered by service) and the org revision.
@@ -201,6 +209,7 @@ class PgSource:
             return await self._fetch_locked(sql, *args)
 
     async def _fetch_locked(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        opened = False
         if self._conn is None or self._conn.is_closed():
             # TLS comes from the URL (sslmode=verify-full&sslrootcert=…).
             try:
@@ -211,13 +220,13 @@ class PgSource:
                 self._crowded_until = time.monotonic() + CROWDED_SECONDS
                 raise
             self.connects += 1
+            opened = True
         self.queries += 1
         self.last_used = time.monotonic()
         try:
             rows = list(await self._conn.fetch(sql, *args, timeout=30))
-            free = rows[0].get("free_slots") if rows else None
-            if free is not None and free < CROWDED_FREE_SLOTS:
-                self._crowded_until = self.last_used + CROWDED_SECONDS
+            if opened or self.last_used >= self._slots_due:
+                await self._sample_free_slots(self._conn)
             if self.crowded:
                 await self.close()
             return rows
@@ -227,3 +236,12 @@ class PgSource:
         except asyncpg.PostgresError as exc:
             await self.close()
             raise DatabaseError(f"PostgreSQL read failed: {describe(exc)}") from exc
+
+    async def _sample_free_slots(self, conn: asyncpg.Connection) -> None:
+        """Crowded when the server (or this role's budget) has few slots left."""
+        self.slot_samples += 1
+        free = await conn.fetchval(FREE_SLOTS, timeout=30)
+        now = time.monotonic()
+        self._slots_due = now + jittered(FREE_SLOTS_EVERY, 0.5)
+        if free is not None and free < CROWDED_FREE_SLOTS:
+            self._crowded_until = now + CROWDED_SECONDS
