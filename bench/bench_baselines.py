@@ -5,7 +5,8 @@
     python -m bench.bench_baselines --smoke --skip-etcd   # only where etcd is not installed
 
 Kinds, each hosted by `bench/worker.py` processes (N ≤ 10: one per watcher, else 10):
-  ours      config-agent `Agent`s (direct publish after COMMIT): applied in the store
+  ours      config-agent `Agent`s (direct publish after COMMIT): applied in the store; the
+            agents expect the relay's heartbeat and a thread publishes it (harness.Heartbeats)
   poll5/1   the seed's design: SELECT every row of the org every 5 s / 1 s
   listen    LISTEN per watcher + SELECT of the changed row on notify (Dapr's
             PostgreSQL configuration store design)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import random
 import time
 from typing import Any
@@ -38,7 +40,7 @@ from bench.common import (
     summarize,
     write_result,
 )
-from bench.harness import TimedWriter, Worker, first_at_or_after, start_workers, stop_all
+from bench.harness import Heartbeats, TimedWriter, Worker, first_at_or_after, start_workers, stop_all
 
 ENTRIES = 10
 
@@ -55,6 +57,16 @@ async def run_kind(servers: Servers, kind: str, n: int, changes: int, idle_s: fl
         assert etcd is not None
         extra = ["--etcd-url", etcd.url]
     env = agent_env(servers)
+    with contextlib.ExitStack() as stack:
+        if kind == "ours":
+            stack.enter_context(Heartbeats(servers.redis.url, servers.org))
+        return await _run_watchers(servers, kind, worker_kind, n, changes, idle_s, interval, extra,
+                                   env, etcd)
+
+
+async def _run_watchers(servers: Servers, kind: str, worker_kind: str, n: int, changes: int,
+                        idle_s: float, interval: float, extra: list[str], env: dict[str, str],
+                        etcd: PrivateEtcd | None) -> dict[str, Any]:
     t = time.monotonic()
     workers = start_workers(worker_kind, n, min(n, 10), env, *extra)
     started_s = time.monotonic() - t

@@ -5,7 +5,8 @@
     python -m bench.bench_fanout_profile --smoke               # CI: N = 2, a few changes
 
 N in-process `Agent`s in 10 `bench/worker.py` processes (as in bench_propagation),
-one change at a time through the direct-publish writer. For every process on the
+one change at a time through the direct-publish writer; the agents expect the relay's
+heartbeat, which a thread publishes every 5 s (bench.harness.Heartbeats). For every process on the
 machine that takes part — the agent workers, every PostgreSQL backend, redis-server
 and the writer — it reads the CPU time (/proc utime + stime) before and after, less
 the same window measured idle, and divides by the number of changes: CPU
@@ -45,7 +46,7 @@ from bench.common import (
     summarize,
     write_result,
 )
-from bench.harness import start_workers, stop_all
+from bench.harness import Heartbeats, start_workers, stop_all
 
 ENTRIES = 10
 PROCESSES = 10
@@ -103,6 +104,11 @@ async def measure(servers: Servers, n: int, changes: int, profile_dir: Path | No
     env = agent_env(servers)
     if profile_dir is not None:
         env["BENCH_CPROFILE_DIR"] = str(profile_dir)
+    with Heartbeats(servers.redis.url, servers.org):
+        return await _measure(servers, n, changes, env)
+
+
+async def _measure(servers: Servers, n: int, changes: int, env: dict[str, str]) -> dict[str, Any]:
     workers = start_workers("agents", n, min(n, PROCESSES), env)
     try:
         account = CpuAccount(servers, [w.proc.pid for w in workers])

@@ -14,7 +14,9 @@ import json
 import os
 import struct
 import subprocess
+import threading
 import time
+from types import TracebackType
 from typing import IO, Any
 
 import anyio
@@ -127,6 +129,45 @@ def start_relay(servers: Servers, stderr: IO[Any] | None = None) -> subprocess.P
     if proc.poll() is not None:
         raise RuntimeError("relay exited at start")
     return proc
+
+
+class Heartbeats:
+    """Publishes an org's heartbeat every `interval` seconds from a thread, as a relay does.
+
+    Agents run as deployed: they expect a heartbeat (`heartbeat_interval`, 5 s) and would
+    resubscribe after 3 silent intervals. A thread, not a task: the coordinator blocks
+    while it starts workers. Changes are announced once, by the writer's direct publish;
+    a relay would add one duplicate announcement per replica (dropped by version).
+    """
+
+    def __init__(self, redis_url: str, org_id: str, interval: float = 5.0) -> None:
+        import redis
+
+        from agent.model import heartbeat_channel, heartbeat_json
+
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self._channel = heartbeat_channel(org_id)
+        self._message = lambda: heartbeat_json(org_id, time.time())
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+        self.sent = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._client.publish(self._channel, self._message())
+            self.sent += 1
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._client.close()
 
 
 # -- writer with a COMMIT timestamp --------------------------------------------
