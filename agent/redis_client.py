@@ -141,6 +141,10 @@ class FileCredentials(CredentialProvider):
             return (self._username, "")
         return ("",)
 
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        # redis-py's default logs a "backward compatibility" warning on every connection.
+        return self.get_credentials()
+
 
 def _connection_kwargs(target: RedisTarget, password_file: Path | None, ca_file: Path | None,
                        options: dict[str, Any]) -> dict[str, Any]:
