@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -59,9 +61,19 @@ PROOF_INTERVAL = 5.0
 PROOF_TIMEOUT = 2.0
 # Consecutive failed proofs before the LISTEN connection is made again.
 PROOF_FAILURES_BEFORE_RECONNECT = 3
-NOT_HEARD = ("LISTEN did not hear the relay's own NOTIFY within {timeout:.0f}s: LISTEN needs a direct "
-             "(session) connection to PostgreSQL, not a transaction pooler such as PgBouncer "
-             "(CONFIG_AGENT_DATABASE_URL of the relay); not ready")
+NEEDS_DIRECT = ("LISTEN needs a direct (session) connection to PostgreSQL, not a transaction pooler such as "
+                "PgBouncer (CONFIG_AGENT_DATABASE_URL of the relay); not ready")
+NOT_HEARD = "LISTEN did not hear the relay's own NOTIFY within {timeout:.0f}s: " + NEEDS_DIRECT
+POOLER_ANSWER = "PostgreSQL answered as it does behind a transaction pooler ({error}): " + NEEDS_DIRECT
+# What PostgreSQL (or PgBouncer itself) says when consecutive queries of one session land
+# on different server connections: a prepared statement found on, or missing from, the
+# server that happens to serve the query; PgBouncer's "... not allowed in statement pool mode".
+POOLER_ERRORS = (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError)
+POOLER_TEXT = re.compile(r"prepared statement|pool mode", re.IGNORECASE)
+
+
+class ListenUnheardError(SourceError):
+    """Several LISTEN proofs in a row failed: the connection is made again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +177,8 @@ class Relay:
         self._probe_prefix = f"{secrets.token_hex(6)}:"
         self._probe_heard: dict[str, anyio.Event] = {}
         self.heartbeat_interval = settings.heartbeat_interval
-        self._warned_unheard = False  # one error line per episode of failed proofs
+        # One error line per episode of "not a direct connection" (until LISTEN is proven).
+        self._said_needs_direct = False
         self.fleet = FleetReader(settings.redis_url or "", password_file=settings.redis_password_file,
                                  ca_file=settings.redis_ca_file)
         self._fleet_failing = False
@@ -211,20 +224,20 @@ class Relay:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.state.set_pg(True)
-                backoff.reset()
                 log.info("listening for changes on PostgreSQL")
                 await self._announce_latest(conn)
                 if not started:
                     started = True
                     task_status.started()
-                await self._serve_connection(conn, prober, lost)
+                # The backoff starts again only once LISTEN is proven: behind a pooler
+                # every connect succeeds, and the relay must not retry at full speed.
+                await self._serve_connection(conn, prober, lost, on_proven=backoff.reset)
             except (SourceError, asyncpg.PostgresError, OSError, TimeoutError,
                     asyncpg.InterfaceError) as exc:
                 self.state.set_pg(False)
                 self.state.set_listen_proven(False)
                 delay = backoff.next()
-                log.warning("PostgreSQL: %s; reconnecting in %.1fs",
-                            exc if isinstance(exc, SourceError) else describe(exc), delay)
+                self._report_lost(exc, delay)
                 if not started:
                     started = True
                     task_status.started()
@@ -241,13 +254,30 @@ class Relay:
         await self.publisher.close()
         await self.fleet.close()
 
+    def _report_lost(self, exc: BaseException, delay: float) -> None:
+        """Log a lost connection; signs of a transaction pooler say NEEDS_DIRECT once per episode."""
+        pooler = _pooler_error(exc)
+        if pooler is None and not isinstance(exc, ListenUnheardError):
+            log.warning("PostgreSQL: %s; reconnecting in %.1fs",
+                        exc if isinstance(exc, SourceError) else describe(exc), delay)
+        elif pooler is not None and not self._said_needs_direct:
+            log.error(POOLER_ANSWER.format(error=describe(pooler, pooler_hint=False)))
+            self._said_needs_direct = True
+        else:  # this episode's line was said (by the failed proof or the pooler's answer)
+            log.debug("PostgreSQL: %s; reconnecting in %.1fs",
+                      describe(pooler, pooler_hint=False) if pooler is not None else exc, delay)
+
     async def _connect(self, application_name: str) -> asyncpg.Connection:
+        # No named prepared statements (the relay runs a few queries a minute, so the
+        # cache saves nothing): behind a transaction pooler they collide with those of an
+        # earlier relay process left on the pooled server connections, and that error would
+        # come before the LISTEN proof that says what is really wrong.
         return await connect(self.settings.database_url or "",
                              password_file=self.settings.database_password_file,
-                             application_name=application_name)
+                             application_name=application_name, statement_cache_size=0)
 
     async def _serve_connection(self, conn: asyncpg.Connection, prober: asyncpg.Connection,
-                                lost: anyio.Event) -> None:
+                                lost: anyio.Event, *, on_proven: Callable[[], None]) -> None:
         """Until the connection is lost: re-announce on demand, keep alive, prove LISTEN."""
         proof_every = self.heartbeat_interval or PROOF_INTERVAL
         next_proof = anyio.current_time()
@@ -258,6 +288,7 @@ class Relay:
                 next_proof = anyio.current_time() + proof_every
                 if await self._prove(prober):
                     failures = 0
+                    on_proven()
                     await self._queue_heartbeats(prober)
                     if proofs % FLEET_EVERY_PROOFS == 0:
                         await self._summarize_fleet(prober)
@@ -265,7 +296,8 @@ class Relay:
                 else:
                     failures += 1
                     if failures >= PROOF_FAILURES_BEFORE_RECONNECT:
-                        raise SourceError("LISTEN heard none of our own NOTIFYs; making the connection again")
+                        raise ListenUnheardError("LISTEN heard none of our own NOTIFYs; "
+                                                 "making the connection again")
             with anyio.move_on_after(max(0.0, min(1.0, next_proof - anyio.current_time()))):
                 await lost.wait()
             if self._reannounce.is_set():
@@ -291,10 +323,10 @@ class Relay:
             self.state.proof_seconds.set(time.monotonic() - sent)
             if not self.state.listen_proven:
                 log.info("LISTEN proven: heard our own NOTIFY in %.1f ms", (time.monotonic() - sent) * 1000)
-            self._warned_unheard = False
-        elif not self._warned_unheard:
+            self._said_needs_direct = False
+        elif not self._said_needs_direct:
             log.error(NOT_HEARD.format(timeout=PROOF_TIMEOUT))
-            self._warned_unheard = True
+            self._said_needs_direct = True
         self.state.set_listen_proven(heard.is_set())
         return heard.is_set()
 
@@ -388,6 +420,16 @@ async def run_relay(settings: Settings) -> int:
         await tg.start(relay.run)
     await relay.close()
     return 0
+
+
+def _pooler_error(exc: BaseException) -> BaseException | None:
+    """The library error (`exc` or its cause) that shows a transaction pooler, or None."""
+    for error in (exc, exc.__cause__):
+        pooled = isinstance(error, POOLER_ERRORS) or (
+            isinstance(error, asyncpg.PostgresError) and POOLER_TEXT.search(str(error)) is not None)
+        if pooled:
+            return error
+    return None
 
 
 def _probe_id(payload: str) -> str | None:

@@ -98,11 +98,16 @@ async def connect(
         raise DatabaseError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
 
 
-def describe(exc: BaseException) -> str:
-    """A one-line description of a library error, never including a password."""
+def describe(exc: BaseException, *, pooler_hint: bool = True) -> str:
+    """A one-line description of a library error, never including a password.
+
+    A prepared-statement clash is the signature of a transaction pooler in front of the
+    server; `pooler_hint` adds the advice that fits agents and the CLI (the pool-mode
+    setting). The relay passes False: it refuses that setting and says itself what it needs.
+    """
     text = str(exc).splitlines()[0] if str(exc) else ""
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if isinstance(exc, asyncpg.DuplicatePreparedStatementError | asyncpg.InvalidSQLStatementNameError):
-        # The signature of a transaction pooler in front of the server.
+    if pooler_hint and isinstance(exc, asyncpg.DuplicatePreparedStatementError
+                                  | asyncpg.InvalidSQLStatementNameError):
         line += " (behind a transaction pooler such as PgBouncer? set CONFIG_AGENT_DATABASE_POOL_MODE=transaction)"
     return line
