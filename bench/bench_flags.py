@@ -184,6 +184,21 @@ def start_server(port: int) -> subprocess.Popen[str]:
     return proc
 
 
+def report(doc: dict[str, Any]) -> None:
+    """The tables of one result (also rendered into docs/benchmarks.md by bench.make_docs)."""
+    runs = doc["runs"]
+    rows = []
+    for kind, label in (("evaluate", "POST /ofrep/…/checkout (targeting)"), ("get", f"GET {GET_PATH}")):
+        lat = doc["medians"][f"open_loop_{kind}_ms"]
+        rows.append([label, doc["rate_per_s"],
+                     statistics.median(r["open_loop"][kind]["achieved_per_s"] for r in runs),
+                     lat["p50"], lat["p99"], lat["max"],
+                     doc["medians"][f"closed_loop_{kind}_per_s"],
+                     sum(r[loop][kind]["errors"] for r in runs for loop in ("open_loop", "closed_loop"))])
+    print_table(f"Flag evaluation beside the plain GET (median of {len(runs)} run(s), {doc['seconds']:g} s each)",
+                ["request", "target/s", "achieved/s", "p50 ms", "p99 ms", "max ms", "closed loop/s", "errors"], rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="1 run of 1 s: just prove it runs")
@@ -220,15 +235,7 @@ def main() -> int:
         "errors": sum(r[loop][kind]["errors"] for r in runs for loop in ("open_loop", "closed_loop")
                       for kind in ("evaluate", "get")),
     }
-    rows = []
-    for kind, label in (("evaluate", "POST /ofrep/…/checkout (targeting)"), ("get", f"GET {GET_PATH}")):
-        lat = doc["medians"][f"open_loop_{kind}_ms"]
-        rows.append([label, args.rate, statistics.median(r["open_loop"][kind]["achieved_per_s"] for r in runs),
-                     lat["p50"], lat["p99"], lat["max"],
-                     doc["medians"][f"closed_loop_{kind}_per_s"],
-                     sum(r[loop][kind]["errors"] for r in runs for loop in ("open_loop", "closed_loop"))])
-    print_table(f"Flag evaluation beside the plain GET (median of {len(runs)} run(s), {seconds:g} s each)",
-                ["request", "target/s", "achieved/s", "p50 ms", "p99 ms", "max ms", "closed loop/s", "errors"], rows)
+    report(doc)
     path = write_result("flags", doc, smoke=args.smoke)
     print(f"wrote {path}")
     return 0 if doc["errors"] == 0 else 1

@@ -117,6 +117,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "redis_ping_ms": baseline}
 
 
+def report(doc: dict[str, Any]) -> None:
+    """The table of one result (also rendered into docs/benchmarks.md by bench.make_docs)."""
+    idle = doc["idle"]
+    print_table(f"Fleet reports: {doc['agents']} agents, report interval {doc['report_interval_s']:g} s",
+                ["idle reports/agent/s", "idle cmds/agent/s", "bytes/agent", "set --wait returned after last (ms, p50)",
+                 "max", "CLI wait (ms, p50)", "Redis PING (ms)"],
+                [[idle["reports_per_agent_per_s"], idle["commands_per_agent_per_s"], idle["redis_bytes_per_agent"],
+                  doc["returned_after_last_ms"]["p50"], doc["returned_after_last_ms"]["max"],
+                  doc["cli_wait_ms"]["p50"], doc["redis_ping_ms"]]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=200)
@@ -129,13 +140,7 @@ def main() -> None:
     if args.smoke:
         args.agents, args.processes, args.report_interval, args.idle, args.changes = 6, 2, 1.0, 3.0, 2
     doc = run(args)
-    idle = doc["idle"]
-    print_table(f"Fleet reports: {args.agents} agents, report interval {args.report_interval:g} s",
-                ["idle reports/agent/s", "idle cmds/agent/s", "bytes/agent", "set --wait returned after last (ms, p50)",
-                 "max", "CLI wait (ms, p50)", "Redis PING (ms)"],
-                [[idle["reports_per_agent_per_s"], idle["commands_per_agent_per_s"], idle["redis_bytes_per_agent"],
-                  doc["returned_after_last_ms"]["p50"], doc["returned_after_last_ms"]["max"],
-                  doc["cli_wait_ms"]["p50"], doc["redis_ping_ms"]]])
+    report(doc)
     write_result("fleet", doc, smoke=args.smoke)
 
 

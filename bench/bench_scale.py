@@ -80,7 +80,7 @@ PROBE_ROLE = "probe_client"
 SAMPLE_EVERY = 0.05
 PROBE_EVERY = 0.1
 REPLICA_DELAY = "2s"
-DEFAULT_JITTER = float(Settings.model_fields["fetch_jitter"].default)
+DEFAULT_JITTER = Settings().fetch_jitter
 # What counts as an error line in an agent's log, by name (case-insensitive). PostgreSQL
 # refuses a client with SQLSTATE 53300 in three wordings: "sorry, too many clients already"
 # (every slot taken), "remaining connection slots are reserved for non-replication
@@ -405,7 +405,7 @@ async def measure(servers: ScaleServers, case: Case, args: argparse.Namespace,
         "scenario": case.scenario, "fetch_jitter": case.jitter, "agents": args.agents,
         "processes": processes, "max_connections": args.max_connections,
         "reader_connection_limit": args.reader_connection_limit, "settle_s": args.settle,
-        "db_idle_timeout": (Settings.model_fields["db_idle_timeout"].default if args.db_idle_timeout is None
+        "db_idle_timeout": (Settings().db_idle_timeout if args.db_idle_timeout is None
                             else args.db_idle_timeout),
         "pool_size": args.pool_size if case.scenario == "pgbouncer" else None,
         "relay_error_lines": relay_errors, **doc, **({"read_cost": cost} if cost else {}),
@@ -596,26 +596,48 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "cases": results}
 
 
+def _case_label(case: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The scenario as a reader of the table needs it (PgBouncer's pool, the replica's delay)."""
+    if case["scenario"] == "pgbouncer":
+        return f"pgbouncer (transaction pooling, pool {settings['pool_size']})"
+    if case["scenario"] == "replica":
+        return f"replica (applies commits {REPLICA_DELAY} late)"
+    return case["scenario"]
+
+
 def report(doc: dict[str, Any]) -> None:
+    """The tables of one result (also rendered into docs/benchmarks.md by bench.make_docs)."""
+    settings = doc["settings"]
     cost = doc["read_cost"]
-    print_table(f"One delta read (ms per read, mean of {cost['reads']})",
-                ["connection", "wall", "agent CPU", "server CPU"],
-                [[mode, cost[mode]["wall_ms"], cost[mode]["agent_cpu_ms"], cost[mode]["server_cpu_ms"]]
-                 for mode in ("kept", "new")])
-    rows = []
+    if cost:
+        print_table(f"One delta read (ms per read, mean of {cost['reads']})",
+                    ["connection", "wall", "agent CPU", "server CPU"],
+                    [[mode, cost[mode]["wall_ms"], cost[mode]["agent_cpu_ms"], cost[mode]["server_cpu_ms"]]
+                     for mode in ("kept", "new")])
+    latency, server = [], []
     for case in doc["cases"]:
-        m = case["median"]
-        last, errors = m["last_agent_ms"], m["errors_changes"]
-        rows.append([case["scenario"], case["fetch_jitter"], doc["settings"]["agents"],
-                     doc["settings"]["max_connections"], last.get("runs"), last.get("p50"), last.get("p99"),
-                     last.get("max"), m["missed"], m["max_reader_connections"], m["server_reader_connects"],
-                     m["server_refused"], errors["too_many_clients"], errors["prepared_statement"],
-                     errors["lines"], f"{m['probe_failures']}/{m['probe_attempts']}", m["start_s"]])
-    print_table("N agents, max_connections < N: convergence (last agent applied − COMMIT, ms), "
-                "server connections, errors (median of runs)",
-                ["scenario", "jitter s", "agents", "max_conn", "runs", "last p50", "last p99", "last max",
-                 "missed", "reader backends max", "reader connects", "refused", "log: too many clients",
-                 "log: prepared stmt", "log: error lines", "probe failed/tries", "start s"], rows)
+        m, runs = case["median"], case["runs"]
+        last, every = m["last_agent_ms"], m["every_agent_ms"]
+        label = _case_label(case, settings)
+        latency.append([label, case["fetch_jitter"], len(runs), last.get("p50"), last.get("max"), every.get("p50"),
+                        m["missed"], m["start_s"]])
+        start, changes = m["errors_start"], m["errors_changes"]
+        server.append([label, case["fetch_jitter"], m["max_reader_connections"], m["server_reader_connects"],
+                       m["server_refused"], _median([r.get("read_server_cpu_s") for r in runs]),
+                       _median([r.get("agents_cpu_s") for r in runs]),
+                       f"{changes['too_many_clients']} ({start['too_many_clients']})",
+                       changes["prepared_statement"], f"{changes['lines']} ({start['lines']})",
+                       f"{m['probe_failures']}/{m['probe_attempts']}"])
+    print_table(f"{settings['agents']} agents, max_connections {settings['max_connections']}, "
+                f"{settings['changes']} changes {settings['spacing']:g} s apart: COMMIT → the last agent applied "
+                "(ms, over the changes; median of runs)",
+                ["case", "fetch_jitter s", "runs", "last p50", "last max", "every agent p50",
+                 "missed", "start s"], latency)
+    print_table("While the changes flowed: server connections, CPU, errors "
+                "(median of runs; log lines while the changes flowed, at start in parentheses)",
+                ["case", "fetch_jitter s", "reader backends max", "reader connects", "refused (server log)",
+                 "read server CPU s", "agents CPU s", "log: too many clients", "log: prepared stmt",
+                 "log: error lines", "other client failed/tries"], server)
 
 
 def cli() -> None:
