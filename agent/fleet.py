@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -36,6 +37,7 @@ from agent import __version__
 from agent.errors import RedisError
 from agent.model import NAME_RE, check_name
 from agent.redis_client import REDIS_ERRORS, any_client
+from agent.sources.backoff import jittered
 
 if TYPE_CHECKING:
     from agent.status import SyncStatus
@@ -126,17 +128,28 @@ class AgentReport:
 
 
 class FleetReporter:
-    """Writes this agent's report on every new snapshot and every `interval` when idle."""
+    """Writes this agent's report on every new snapshot and every `interval` ± JITTER when idle.
+
+    The first idle report comes after a random 0..`interval` (a fleet started together
+    does not report together), then every `interval` ± JITTER: never later than
+    (1 + JITTER) × `interval`, well within the report's TTL of TTL_FACTOR × `interval`.
+    """
+
+    # Spread of the idle reports, a fraction of the interval.
+    JITTER = 0.1
 
     def __init__(self, url: str, agent: str, namespace: str | None, services: Sequence[str],
                  interval: float, *, store: Store, status: SyncStatus, password_file: Path | None = None,
-                 ca_file: Path | None = None, clock: Callable[[], float] = time.time) -> None:
+                 ca_file: Path | None = None, clock: Callable[[], float] = time.time,
+                 rand: Callable[[float, float], float] = random.uniform) -> None:
         self._url, self._password_file, self._ca_file = url, password_file, ca_file
         self._org_id, self._agent, self._namespace = store.snapshot.org_id, agent, namespace
         self._services = tuple(services)
         self._interval = interval
         self._store, self._status = store, status
         self._clock = clock
+        self._rand = rand
+        self._phased = False  # an idle report has been written: the random phase is taken
         self._applied: tuple[int, float] = (-1, 0.0)  # (revision, when reached)
         self._failing = False
         self.reports = 0
@@ -166,8 +179,9 @@ class FleetReporter:
                 generation = self._store.snapshot.generation
                 last = time.monotonic()
                 await self._write(client, self.report())
-                with anyio.move_on_after(self._interval):
+                with anyio.move_on_after(self.idle_wait()) as idle:
                     await self._store.wait_newer(generation)
+                self._phased = self._phased or idle.cancelled_caught
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 try:
@@ -179,6 +193,13 @@ class FleetReporter:
                     pass
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await client.aclose()
+
+    def idle_wait(self) -> float:
+        """Seconds until the next report if nothing changes: a random phase until the first
+        idle report, then `interval` ± JITTER."""
+        if self._phased:
+            return jittered(self._interval, self.JITTER, self._rand)
+        return float(self._rand(0.0, self._interval))
 
     async def _write(self, client: Redis | RedisCluster, report: AgentReport) -> None:
         ttl = self._interval * TTL_FACTOR

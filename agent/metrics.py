@@ -82,8 +82,8 @@ class Metrics:
         )
         self.redis_deaf = Counter(
             "config_agent_redis_deaf",
-            "Times the Redis subscription heard neither a change nor a heartbeat for 3 heartbeat "
-            "intervals (or lost its shard) and was made again.", registry=r,
+            "Deaf spells: the Redis subscription heard neither a change nor a heartbeat for 3 "
+            "heartbeat intervals (one per spell), or the server dropped its shard.", registry=r,
         )
         self.hook_runs = Counter(
             "config_agent_hook_runs", "Change hook runs, by hook (exec|signal|webhook) and result.",

@@ -57,7 +57,7 @@ class SyncStatus:
         self.metrics.db_refused.inc()
 
     def count_deaf(self) -> None:
-        """Count one deaf subscription made again."""
+        """Count one deaf spell (or a shard subscription the server dropped)."""
         self.metrics.redis_deaf.inc()
 
     def count_drift(self, changes: int) -> None:

@@ -22,8 +22,9 @@ async def test_redis_killed_changes_arrive_by_polling_then_pubsub_again(
     publisher = await ConfigWriter.open(db_url, redis_url=private_redis.url)
     await writer.set(org, "ai", "k0", 0, actor="t")
     poll = 1.0
+    # No relay runs here: heartbeats off, so the subscription's confirmation is the proof.
     async with running_agent(org_id=org, database_url=db_url, redis_url=private_redis.url,
-                             fallback_poll_interval=poll) as agent:
+                             fallback_poll_interval=poll, heartbeat_interval=0) as agent:
         assert metric(agent, "config_agent_redis_connected") == 1
         private_redis.kill()
         await eventually(lambda: metric(agent, "config_agent_redis_connected") == 0, 5, "redis down noticed")

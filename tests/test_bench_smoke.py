@@ -146,3 +146,41 @@ def test_flags_smoke(tmp_path: Path) -> None:
     # Both variants were served: the targeting really ran.
     assert set(run["open_loop"]["evaluate"]["variants"]) == {"new", "old"}
     assert doc["errors"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_outage_smoke(tmp_path: Path) -> None:
+    """The relay SIGKILLed: resubscribes and reader statements per second; direct publishes still arrive."""
+    doc = run_bench("outage", tmp_path)
+    assert doc["log_lines"]["healthy"] == {"deaf": 0, "lost": 0}
+    assert len(doc["changes"]) == 3 and all(c["missed"] == 0 for c in doc["changes"]), doc["changes"]
+    assert len(doc["per_second"]) >= doc["quiet_outage"]["seconds"]
+    assert {"subscriptions", "connections", "reader_statements"} <= doc["per_second"][0].keys()
+
+
+def test_docs_are_rendered_from_results(tmp_path: Path) -> None:
+    """docs/benchmarks.md is what `python -m bench.make_docs` renders from bench/results: never edited by hand."""
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.make_docs", "--results", str(ROOT / "bench" / "results"),
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert out.read_text() == (ROOT / "docs" / "benchmarks.md").read_text(), (
+        "docs/benchmarks.md is not what bench/results renders: run `python -m bench.make_docs`")
+
+
+def test_make_docs_renders_each_results_file_alone(tmp_path: Path) -> None:
+    """A section per results file present, and none for a missing one (an empty directory renders too)."""
+    import shutil
+
+    from bench.make_docs import SECTIONS, render
+
+    empty = render(tmp_path)
+    assert empty.startswith("# Benchmarks\n")
+    present = [name for name, _section in SECTIONS if (ROOT / "bench" / "results" / f"{name}.json").exists()]
+    assert present
+    for name in present:
+        one = tmp_path / name
+        one.mkdir()
+        shutil.copy(ROOT / "bench" / "results" / f"{name}.json", one)
+        assert render(one).count("\n## ") > empty.count("\n## "), name

@@ -370,3 +370,42 @@ async def test_relay_exports_the_fleet_summary_per_org(db_url: str, redis_url: s
         await relay.close()
         await admin.delete(agent_key(org, "pod-a"), index_key(org))
         await admin.aclose()
+
+
+# -- idle reports are spread (issue #21.5) ------------------------------------------------
+
+
+async def test_idle_reports_take_a_random_phase_then_the_interval_within_10_percent_inside_the_ttl(
+        redis_url: str, org: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.fleet import TTL_FACTOR, FleetReporter
+    from agent.metrics import Metrics
+    from agent.status import SyncStatus
+    from agent.store import Store
+
+    ranges: list[tuple[float, float]] = []
+
+    def rand(lo: float, hi: float) -> float:  # the longest wait the spread allows
+        ranges.append((lo, hi))
+        return hi
+
+    interval = 0.2
+    reporter = FleetReporter(redis_url, "pod-j", None, (), interval, store=Store(org),
+                             status=SyncStatus(metrics=Metrics(org, CollectorRegistry())), rand=rand)
+    admin = redis_client(redis_url)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reporter.run)
+            await eventually(lambda: reporter.reports >= 4, 20, "four idle reports")
+            ttl_ms = await admin.pttl(agent_key(org, "pod-j"))
+            tg.cancel_scope.cancel()
+    finally:
+        await admin.aclose()
+    # A random first phase (a fleet started together spreads at once), then interval ± 10 %.
+    assert ranges[0] == (0.0, interval)
+    assert len(ranges) >= 3 and all(r == pytest.approx((0.9, 1.1)) for r in ranges[1:]), ranges
+    # The longest wait stays well inside the report's life: it never expires between two reports.
+    longest = interval * (1 + FleetReporter.JITTER)
+    assert longest * 2 <= interval * TTL_FACTOR
+    assert 0 < ttl_ms <= interval * TTL_FACTOR * 1000

@@ -7,15 +7,30 @@ redis-py's cluster pub/sub; a slot move (the server's SUNSUBSCRIBE) or a node
 failure makes us resubscribe with a fresh view of the cluster.
 
 "Hearing" is what counts, not an open socket: the relay publishes a heartbeat per
-org every `heartbeat_interval`; when neither a heartbeat nor any other message
-arrives for DEAF_AFTER × that interval, the subscription is torn down and made
-again (then the agent replays what it missed). Only (P|S)SUBSCRIBE and PING are
-sent on the data connection (the tenant ACL allows nothing else).
+org every `heartbeat_interval`. When neither a heartbeat nor any other message
+arrives for DEAF_AFTER × that interval (and the org has entries, so heartbeats are
+due), the subscription is *deaf*, and `on_deaf` says so at once (status, metrics,
+one warning per deaf spell). It is made again (then the agent replays what it
+missed) only after a random wait, with full jitter that doubles per attempt: before
+the k-th resubscribe of a spell, uniform(0, min(cap, base · 2^k)), base = DEAF_AFTER
+× heartbeat_interval, cap = DEAF_BACKOFF_CAP × base (0–15 s, 0–30 s, then 0–60 s by
+default). A relay that is down silences every agent of a fleet in the same second;
+without the spread they would all resubscribe and replay on the same beat. Meanwhile
+the agent keeps listening on the subscription it has: a change published directly
+(the CLI and the library publish after COMMIT) still arrives within milliseconds,
+and any message ends the spell (and resets the backoff). A shard subscription the
+server dropped is made again at once: there is nothing left to listen on.
+
+After every (re)subscribe, `on_connected(hearing)` gets hearing=False while
+heartbeats are due (`redis_connected` then waits for the first message); with
+heartbeats off the server's confirmation is the proof. Only (P|S)SUBSCRIBE and PING
+are sent on the data connection (the tenant ACL allows nothing else).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,14 +50,21 @@ HEALTH_CHECK_INTERVAL = 15.0
 SUBSCRIBE_TIMEOUT = 5.0
 # Missed heartbeats before the subscription counts as deaf.
 DEAF_AFTER = 3
+# While deaf, resubscribes wait at most this many deaf thresholds (60 s by default).
+DEAF_BACKOFF_CAP = 4
 
 
 class Deaf(Exception):
-    """Nothing heard for too long, or the server dropped our subscription (slot moved)."""
+    """Time to resubscribe: nothing heard for long enough, or the server dropped our subscription."""
 
 
 class RedisEvents:
-    """Delivers raw (channel, data) messages of one org to `on_message`."""
+    """Delivers raw (channel, data) messages of one org to `on_message`.
+
+    `deaf_backoff` (default: full jitter, base DEAF_AFTER × heartbeat_interval, cap
+    DEAF_BACKOFF_CAP × that) spaces the resubscribes of a deaf spell; tests pass one
+    with their own `rand`.
+    """
 
     def __init__(
         self,
@@ -57,6 +79,7 @@ class RedisEvents:
         password_file: Path | None = None,
         ca_file: Path | None = None,
         backoff: Backoff | None = None,
+        deaf_backoff: Backoff | None = None,
         channels: str = "auto",
         heartbeat_interval: float = 0.0,
         expect_heartbeat: Callable[[], bool] = lambda: True,
@@ -73,8 +96,17 @@ class RedisEvents:
         self._ca_file = ca_file
         self._backoff = backoff or Backoff(initial=1.0, cap=60.0)
         self._deaf_after = DEAF_AFTER * heartbeat_interval
+        self._deaf_backoff = deaf_backoff or Backoff(
+            initial=self._deaf_after, cap=DEAF_BACKOFF_CAP * self._deaf_after, full_jitter=True)
         self._expect_heartbeat = expect_heartbeat
-        self._hearing = True
+        # The current deaf spell: when it began (monotonic), None while hearing.
+        self._deaf_since: float | None = None
+        self.deaf_resubscribes = 0  # made in the current (or last) spell
+
+    @property
+    def deaf(self) -> bool:
+        """True from the deaf threshold until something is heard again."""
+        return self._deaf_since is not None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Subscribe and listen forever; `started` after the first attempt (up or not)."""
@@ -85,17 +117,15 @@ class RedisEvents:
                 with anyio.fail_after(SUBSCRIBE_TIMEOUT):
                     await session.subscribe()
                 self._backoff.reset()
-                # After a deaf spell the socket being open proves nothing: "hearing" waits
-                # for the first message.
-                self._on_connected(self._hearing)
+                # An open socket proves nothing while heartbeats are due: the first message does.
+                self._on_connected(not self._heartbeat_due())
                 if not started:
                     started = True
                     task_status.started()
                 await self._listen(session)
             except Deaf as exc:
-                self._hearing = False
-                self._on_deaf(str(exc))
-                log.warning("Redis subscription deaf (%s); resubscribing", exc)
+                # Down until subscribed again; the agent replays once it is.
+                self._on_disconnected(f"deaf: {exc}")
             except REDIS_ERRORS as exc:  # TimeoutError included
                 reason = f"{type(exc).__name__}: {exc}"
                 self._on_disconnected(reason)
@@ -109,29 +139,46 @@ class RedisEvents:
                 with anyio.CancelScope(shield=True):
                     await session.close()
 
+    def _heartbeat_due(self) -> bool:
+        return bool(self._deaf_after) and self._expect_heartbeat()
+
     async def _listen(self, session: _Session) -> None:
-        last_heard = time.monotonic()
+        now = time.monotonic()
+        last_heard = now
+        # Subscribed again within a deaf spell: the next resubscribe is already scheduled.
+        resubscribe_at = now + self._deaf_backoff.next() if self.deaf else math.inf
         while True:
             wait = HEALTH_CHECK_INTERVAL
             if self._deaf_after:
-                wait = min(wait, max(0.01, last_heard + self._deaf_after - time.monotonic()))
+                due = resubscribe_at if self.deaf else last_heard + self._deaf_after
+                wait = min(wait, max(0.01, due - now))
             msg = await session.next_message(wait)
             now = time.monotonic()
             if msg is None:
-                if self._deaf_after and now - last_heard >= self._deaf_after:
+                if self.deaf:
+                    if now >= resubscribe_at:
+                        self.deaf_resubscribes += 1
+                        log.debug("Redis subscription still deaf; resubscribing (%d in this spell)",
+                                  self.deaf_resubscribes)
+                        raise Deaf("nothing heard since the last resubscribe")
+                elif self._deaf_after and now - last_heard >= self._deaf_after:
                     if self._expect_heartbeat():
-                        raise Deaf(f"no heartbeat or change for {now - last_heard:.0f}s")
-                    last_heard = now  # an org without entries has no heartbeat yet
+                        self._begin_spell(now, f"no heartbeat or change for {now - last_heard:.3g}s")
+                        resubscribe_at = now + self._deaf_backoff.next()
+                    else:
+                        last_heard = now  # an org without entries has no heartbeat yet
                 continue
             kind = msg["type"]
             if kind in (b"sunsubscribe", "sunsubscribe"):
-                raise Deaf("the server dropped the shard subscription (slot moved)")
+                reason = "the server dropped the shard subscription (slot moved)"
+                self._on_deaf(reason)
+                log.warning("Redis subscription deaf (%s); resubscribing", reason)
+                raise Deaf(reason)
             if kind not in ("pmessage", "smessage", b"pmessage", b"smessage"):
                 continue
             last_heard = now
-            if not self._hearing:
-                self._hearing = True
-                log.info("Redis subscription hears again")
+            if self.deaf:
+                self._end_spell(now)
             heartbeat = is_heartbeat(msg["channel"], msg["data"], self._org_id)
             self._on_heard(heartbeat)
             if not heartbeat:
@@ -139,6 +186,22 @@ class RedisEvents:
             # redis-py hands out buffered messages without yielding: during a flood the
             # fetch a real announcement asked for must still get its turn.
             await anyio.lowlevel.checkpoint()
+
+    def _begin_spell(self, now: float, reason: str) -> None:
+        """At the deaf threshold: say so at once; resubscribe later, spread (one warning per spell)."""
+        self._deaf_since = now
+        self.deaf_resubscribes = 0
+        self._on_deaf(reason)
+        log.warning("Redis subscription deaf (%s); listening on, resubscribing after a random "
+                    "0-%.0fs, doubling up to 0-%.0fs, until something is heard",
+                    reason, self._deaf_backoff.initial, self._deaf_backoff.cap)
+
+    def _end_spell(self, now: float) -> None:
+        assert self._deaf_since is not None
+        log.info("Redis subscription hears again after %.0fs deaf (%d resubscribes)",
+                 now - self._deaf_since, self.deaf_resubscribes)
+        self._deaf_since = None
+        self._deaf_backoff.reset()
 
 
 class _Session:

@@ -6,7 +6,7 @@ announced version the read database does not show yet (a replica behind) is
 chased with backoff for `lag_chase_timeout` without holding up newer
 announcements; periodic reconcile with jitter (what it finds counts as drift only
 if it was never announced, not even within `drift_grace`); revision polling while
-Redis is down or deaf; retries with backoff while PostgreSQL is down (short,
+Redis is down (not while deaf: RedisEvents backs off); retries with backoff while PostgreSQL is down (short,
 jittered ones when it refuses connections: too many clients); staleness after
 `stale_after` without a successful sync.
 """
@@ -173,7 +173,8 @@ class Syncer:
     def on_redis_connected(self, hearing: bool = True) -> None:
         """Subscribed (again): replay whatever was missed while down or deaf.
 
-        `hearing` is False after a deaf spell: `redis_connected` waits for a message.
+        `hearing` is False while heartbeats are due: `redis_connected` then waits for a
+        message (a subscription that hears nothing is not connected in any useful sense).
         """
         was_down = self._redis_down.is_set()
         self.status.set_redis(hearing)
@@ -191,9 +192,16 @@ class Syncer:
             self.status.set_redis(True)
 
     def on_redis_deaf(self, reason: str) -> None:
-        """Nothing heard for too long: count it; the subscription is being made again."""
+        """Nothing heard for too long: say so at once and count the spell.
+
+        No fallback poll: the subscription keeps listening (direct publishes still
+        arrive), and each of its spread-out resubscribes replays (on_redis_disconnected,
+        then on_redis_connected). Polling here would make a silent relay a fleet-wide
+        wave of reads every `fallback_poll_interval`.
+        """
         self.status.count_deaf()
-        self.on_redis_disconnected(f"deaf: {reason}")
+        self.status.set_redis(False)
+        self.status.last_error = f"Redis: deaf: {reason}"
 
     def on_redis_disconnected(self, reason: str) -> None:
         """Lost Redis: keep serving; the fallback poll takes over."""
