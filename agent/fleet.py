@@ -5,10 +5,13 @@ Redis Cluster hash tag, so an org's keys live on the slot of its sharded channel
 `config:{ORG}`), holding a JSON report (revision, stale, ready, connection state; never a
 value) that expires 3 × `fleet_report_interval` after it was written, and is listed in
 the org's index, the sorted set `config-agent:agents:{ORG}` (score: when the report
-expires, by the agent's clock). A report is written on every new snapshot (at most every
-MIN_GAP seconds) and every `fleet_report_interval` when idle: one pipelined round trip
-(SET + ZADD). A stopped agent deletes its key; a killed one disappears when the key
-expires. Readers (`config-agent status`, `set --wait`) list the index, read the keys,
+expires, by the agent's clock, as of the agent's last index write). A report is written
+on every new snapshot (at most every MIN_GAP seconds) and every `fleet_report_interval`
+(± 10 %) when idle. A report after a change is one SET; the index is written too (SET +
+ZADD, pipelined) when the agent's last index write is older than the interval or a
+report failed: membership is all readers use, and a fleet pays one round trip per agent
+per change, not two commands. A stopped agent deletes its key; a killed one disappears
+when the key expires. Readers (`config-agent status`, `set --wait`) list the index, read the keys,
 and drop members whose key is gone. The tenant ACL lets an agent write (not read) its
 own org's key and index only.
 """
@@ -97,9 +100,14 @@ class AgentReport:
     version: str
 
     def to_json(self) -> str:
-        doc = asdict(self)
-        doc["services"] = list(self.services)
-        return json.dumps(doc, separators=(",", ":"))
+        # Field by field, not dataclasses.asdict (which deep-copies): one report per change.
+        return json.dumps({
+            "agent": self.agent, "namespace": self.namespace, "org_id": self.org_id,
+            "services": list(self.services), "revision": self.revision, "stale": self.stale,
+            "ready": self.ready, "redis_connected": self.redis_connected,
+            "db_connected": self.db_connected, "applied_at": self.applied_at,
+            "reported_at": self.reported_at, "version": self.version,
+        }, separators=(",", ":"))
 
     @classmethod
     def parse(cls, org_id: str, data: bytes | str) -> AgentReport | None:
@@ -152,7 +160,9 @@ class FleetReporter:
         self._phased = False  # an idle report has been written: the random phase is taken
         self._applied: tuple[int, float] = (-1, 0.0)  # (revision, when reached)
         self._failing = False
+        self._index_due = -math.inf  # when the index entry must be written again (monotonic)
         self.reports = 0
+        self.index_writes = 0  # for tests: reports that also wrote the index
 
     def report(self) -> AgentReport:
         """The report of this agent now."""
@@ -203,12 +213,20 @@ class FleetReporter:
 
     async def _write(self, client: Redis | RedisCluster, report: AgentReport) -> None:
         ttl = self._interval * TTL_FACTOR
+        key, ttl_ms = agent_key(self._org_id, self._agent), max(1, round(ttl * 1000))
+        # After a failure the key may have expired and a reader pruned the member: index too.
+        index = self._failing or time.monotonic() >= self._index_due
         try:
-            # Key first: a member of the index without its key is a gone agent.
-            pipe = client.pipeline(transaction=False)
-            pipe.set(agent_key(self._org_id, self._agent), report.to_json(), px=max(1, round(ttl * 1000)))
-            pipe.zadd(index_key(self._org_id), {self._agent: report.reported_at + ttl})
-            await pipe.execute()
+            if index:
+                # Key first: a member of the index without its key is a gone agent.
+                pipe = client.pipeline(transaction=False)
+                pipe.set(key, report.to_json(), px=ttl_ms)
+                pipe.zadd(index_key(self._org_id), {self._agent: report.reported_at + ttl})
+                await pipe.execute()
+                self._index_due = time.monotonic() + self._interval
+                self.index_writes += 1
+            else:
+                await client.set(key, report.to_json(), px=ttl_ms)
         except REDIS_ERRORS as exc:
             if not self._failing:
                 log.warning("cannot report this agent's revision to Redis (retrying every %.0fs): %s",

@@ -409,3 +409,44 @@ async def test_idle_reports_take_a_random_phase_then_the_interval_within_10_perc
     longest = interval * (1 + FleetReporter.JITTER)
     assert longest * 2 <= interval * TTL_FACTOR
     assert 0 < ttl_ms <= interval * TTL_FACTOR * 1000
+
+
+async def test_a_report_after_a_change_is_one_set_and_the_index_is_written_once_per_interval(
+        redis_url: str, org: str) -> None:
+    """Per change an agent pays one SET; the index (what readers list) is refreshed at most once
+    per interval, and at once after a failed report (a reader may have pruned the member)."""
+    from prometheus_client import CollectorRegistry
+
+    from agent.fleet import FleetReporter
+    from agent.metrics import Metrics
+    from agent.model import Change
+    from agent.status import SyncStatus
+    from agent.store import Store
+
+    store = Store(org)
+    reporter = FleetReporter(redis_url, "pod-k", None, (), 60.0, store=store,
+                             status=SyncStatus(metrics=Metrics(org, CollectorRegistry())))
+    admin = redis_client(redis_url)
+    reader = FleetReader(redis_url)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reporter.run)
+            await eventually(lambda: reporter.reports >= 1, 10, "the first report")
+            for version in range(1, 6):
+                store.apply([Change("ai", "t", version, version, version, False, "2026-01-01T00:00:00+00:00")],
+                            revision=version, source="pubsub")
+                await eventually(lambda version=version: reporter.reports >= version + 1, 10, "a report")
+            (seen,) = await reader.agents(org)
+            assert seen.agent == "pod-k" and seen.revision == 5
+            assert reporter.index_writes == 1, (reporter.reports, reporter.index_writes)
+            # A reader pruned the member (its key had expired) while reports failed: the next one indexes.
+            await admin.zrem(index_key(org), "pod-k")
+            reporter._failing = True
+            store.apply([Change("ai", "t", 6, 6, 6, False, "2026-01-01T00:00:00+00:00")], revision=6, source="pubsub")
+            await eventually(lambda: reporter.reports >= 7, 10, "a report after the failure")
+            assert reporter.index_writes == 2
+            assert [r.revision for r in await reader.agents(org)] == [6]
+            tg.cancel_scope.cancel()
+    finally:
+        await reader.close()
+        await admin.aclose()
