@@ -20,7 +20,7 @@ import anyio
 from agent import __version__
 from agent.errors import ConfigAgentError, DatabaseError, RedisError
 from agent.logs import configure_logging
-from agent.settings import Settings, load_settings
+from agent.settings import Settings, load_settings, setting_names
 
 T = TypeVar("T")
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment with the parsed flags laid over them."""
-    fields = set(Settings.model_fields)
+    fields = set(setting_names())
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     return load_settings(**overrides)
 

@@ -9,17 +9,17 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli import default_actor, emit, run_async
-from agent.db.connect import connect, read_secret
-from agent.db.migrate import migrate
-from agent.db.writer import ConfigWriter, WriteResult
 from agent.errors import RedisError, UsageError
-from agent.fleet import FleetProgress, describe_agent, fleet_counts, fleet_rows
-from agent.inject.commands import cmd_helm_values, cmd_inject
-from agent.model import parse_value
 from agent.settings import Settings
+
+# Each command imports what it uses: `run` (every pod) must not load the writer, the
+# fleet reader, the injector or YAML (issue #21: RSS and start time).
+if TYPE_CHECKING:
+    from agent.db.writer import ConfigWriter, WriteResult
+    from agent.fleet import FleetProgress
 
 log = logging.getLogger("agent.cli")
 
@@ -40,14 +40,17 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         "once": cmd_once,
         "relay": cmd_relay,
         "demo": cmd_demo,
-        "inject": lambda args, _: cmd_inject(args),
-        "helm-values": lambda args, _: cmd_helm_values(args),
+        "inject": cmd_inject,
+        "helm-values": cmd_helm_values,
     }
     return handlers[args.command](args, settings)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     """`config-agent migrate`."""
+    from agent.db.connect import connect
+    from agent.db.migrate import migrate
+
     settings.require("database_url")
 
     async def go() -> list[str]:
@@ -64,6 +67,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _writer(settings: Settings) -> ConfigWriter:
+    from agent.db.writer import ConfigWriter
+
     settings.require("database_url")
     return await ConfigWriter.open(
         settings.database_url or "",
@@ -78,6 +83,9 @@ async def _writer(settings: Settings) -> ConfigWriter:
 
 def cmd_write(args: argparse.Namespace, settings: Settings) -> int:
     """`set`, `delete`, `rollback`."""
+    from agent.fleet import describe_agent
+    from agent.model import parse_value
+
     actor = args.actor or default_actor()
     value = None
     if args.command == "set":
@@ -170,6 +178,8 @@ class ProgressLine:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """`status ORG`: the org's live agents, laggards first."""
+    from agent.fleet import fleet_counts, fleet_rows
+
     settings.require("redis_url")
 
     async def go() -> tuple[int, list[dict[str, Any]]]:
@@ -237,6 +247,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def cmd_grant_reader(args: argparse.Namespace, settings: Settings) -> int:
     """`grant-reader`: PostgreSQL role plus the Redis ACL for one tenant."""
+    from agent.db.connect import connect, read_secret
     from agent.db.roles import grant_reader, redis_acl_command
     from agent.redis_client import channel_form, parse_redis_url
 
@@ -310,3 +321,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from agent.demo import run_demo
 
     return run_demo(settings, sys.argv[0])
+
+
+def cmd_inject(args: argparse.Namespace, settings: Settings) -> int:
+    """`inject`: the admission webhook."""
+    from agent.inject import commands
+
+    return commands.cmd_inject(args)
+
+
+def cmd_helm_values(args: argparse.Namespace, settings: Settings) -> int:
+    """`helm-values`: print Helm values that inject the agent."""
+    from agent.inject import commands
+
+    return commands.cmd_helm_values(args)

@@ -12,6 +12,7 @@ then removes the directory, and exits 0; a second demo can start at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -88,20 +89,21 @@ def _configure(settings: Settings, temp_dir: Path, database: tuple[str, str],
     """The agent's settings (the user's, pointed at the demo's servers and paths)."""
     (database_url, database_label), (redis_url, redis_label) = database, redis
     org_id = settings.org_id or DEMO_ORG
-    agent_settings = settings.model_copy(update={
-        "database_url": database_url,
-        "database_read_url": None,
-        "redis_url": redis_url,
-        "org_id": org_id,
-        "http_host": "127.0.0.1",
-        "http_port": http_port,
-        "socket_path": temp_dir / "agent.sock",
-        "output_dir": temp_dir / "files",
-        "metrics_host": "127.0.0.1",
-        "metrics_port": metrics_port,
+    agent_settings = dataclasses.replace(
+        settings,
+        database_url=database_url,
+        database_read_url=None,
+        redis_url=redis_url,
+        org_id=org_id,
+        http_host="127.0.0.1",
+        http_port=http_port,
+        socket_path=temp_dir / "agent.sock",
+        output_dir=temp_dir / "files",
+        metrics_host="127.0.0.1",
+        metrics_port=metrics_port,
         # Nothing outlives the demo: no last-known-good snapshot outside the temp dir.
-        "state_dir": None,
-    })
+        state_dir=None,
+    )
     where = Where(
         org_id=org_id,
         http_url=f"http://127.0.0.1:{http_port}",

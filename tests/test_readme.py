@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import build_parser
-from agent.settings import Settings
+from agent.settings import setting_names
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -57,7 +57,7 @@ def test_settings_table_matches_the_settings_model() -> None:
     documented = set()
     for row in re.findall(r"^\| `(CONFIG_AGENT_[A-Z_]+)`(?: / `(CONFIG_AGENT_[A-Z_]+)`)? \|", README, flags=re.M):
         documented.update(name for name in row if name)
-    declared = {f"CONFIG_AGENT_{name.upper()}" for name in Settings.model_fields}
+    declared = {f"CONFIG_AGENT_{name.upper()}" for name in setting_names()}
     assert documented == declared
 
 

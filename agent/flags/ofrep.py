@@ -16,13 +16,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
 import agent
-from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, Result, evaluate, failure, parse_context
-from agent.flags.flagset import FlagSet, flag_set
 from agent.metrics import Metrics
 from agent.sinks.responses import (
     JSON,
@@ -40,6 +38,12 @@ from agent.sinks.responses import (
     send_not_modified,
 )
 from agent.store import Snapshot, Store
+
+# The evaluator (flagd's library: JSON Logic, semver, murmur3) is imported by the first
+# evaluation: most agents serve no flags, and each pod pays its memory (issue #21).
+if TYPE_CHECKING:
+    from agent.flags.evaluate import Result
+    from agent.flags.flagset import FlagSet
 
 PREFIX = "/ofrep/"
 EVALUATE = "/ofrep/v1/evaluate/flags"
@@ -103,11 +107,15 @@ class OfrepRoutes:
 
     def flags(self, snapshot: Snapshot) -> FlagSet:
         """The flag set of `snapshot`, reusing unchanged flags of the last one."""
+        from agent.flags.flagset import flag_set
+
         flags = flag_set(snapshot, self._flag_services, self._last)
         self._last = flags
         return flags
 
     async def _single(self, send: Send, snapshot: Snapshot, key: str, body: bytes) -> None:
+        from agent.flags.evaluate import UNKNOWN_FLAG, RequestError, evaluate, failure, parse_context
+
         flags = self.flags(snapshot)
         try:
             context, _ = parse_context(body)
@@ -119,6 +127,8 @@ class OfrepRoutes:
         await send_body(send, result.status, dump_json(result.document), JSON)
 
     async def _bulk(self, scope: Scope, send: Send, snapshot: Snapshot, body: bytes) -> None:
+        from agent.flags.evaluate import RequestError, evaluate, parse_context
+
         try:
             context, sent = parse_context(body)
         except RequestError as exc:

@@ -10,3 +10,7 @@
     server.py       `config-agent inject`: the HTTPS admission webhook (uvicorn, TLS)
     helm_values.py  `config-agent helm-values`: the same Injection as Bitnami/Grafana values
 """
+
+# Every annotation (and label) of ours starts with this. Here rather than in
+# parameters.py so that the CLI's flag declarations (commands.py) need nothing else.
+PREFIX = "config-agent.io/"

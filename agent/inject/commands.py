@@ -7,10 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.inject.builder import build
-from agent.inject.helm_values import STYLES, to_yaml, values_for
-from agent.inject.parameters import PREFIX, overrides
-from agent.inject.values import load_values, merged
+from agent.inject import PREFIX
+
+# The commands import what they run: every CLI process (`run` in every pod included)
+# builds the parser, and needs no more of the injector than these flags.
+
+# The values layouts of `helm-values --style` (helm_values.values_for).
+STYLES = ("bitnami", "grafana")
 
 # helm-values flags → the parameter (annotation) names of parameters.py.
 PARAMETER_FLAGS = (
@@ -62,6 +65,11 @@ def _values_flag(p: argparse.ArgumentParser) -> None:
 
 def cmd_helm_values(args: argparse.Namespace) -> int:
     """`config-agent helm-values`: print the values YAML."""
+    from agent.inject.builder import build
+    from agent.inject.helm_values import to_yaml, values_for
+    from agent.inject.parameters import overrides
+    from agent.inject.values import load_values, merged
+
     params = {name: getattr(args, f"param_{name}") for _, name, _, _ in PARAMETER_FLAGS
               if getattr(args, f"param_{name}") is not None}
     try:
@@ -76,6 +84,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
     """`config-agent inject`: serve until SIGTERM."""
     from agent.cli import run_async
     from agent.inject.server import Tls, serve
+    from agent.inject.values import load_values
 
     values = load_values(args.agent_values)
     tls = Tls(args.tls_cert_file, args.tls_key_file)

@@ -16,11 +16,9 @@ import yaml
 
 from agent.inject.builder import Injection
 
-STYLES = ("bitnami", "grafana")
-
 
 def values_for(injection: Injection, style: str) -> dict[str, Any]:
-    """The values tree for `style` (one of STYLES)."""
+    """The values tree for `style` (one of commands.STYLES)."""
     if style == "bitnami":
         return {
             "initContainers": injection.init_containers,

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.errors import UsageError
+from agent.inject import PREFIX
 from agent.inject.values import Values
 
-PREFIX = "config-agent.io/"
 INJECT = PREFIX + "inject"       # "true" opts a pod in (a label, so objectSelector can match it)
 INJECTED = PREFIX + "injected"   # the marker: set on the pods the webhook injected
 # Parameter annotations (without the prefix) and the value each one sets.

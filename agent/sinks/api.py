@@ -24,7 +24,6 @@ from agent.flags.ofrep import PREFIX as OFREP_PREFIX
 from agent.flags.ofrep import OfrepRoutes
 from agent.model import NAME_RE
 from agent.sinks import render
-from agent.sinks.openapi import openapi_document
 from agent.sinks.responses import (
     JSON,
     NO_CACHE,
@@ -73,7 +72,7 @@ class ApiApp:
         refused = status.metrics.http_rejected.labels(reason="watch_limit")
         self.open_requests = OpenRequests(max_watchers, on_full=refused.inc)
         self._watch = WatchStream(store, self.open_requests, heartbeat=heartbeat)
-        self._openapi = render.dump_json(openapi_document()) + b"\n"
+        self._openapi: bytes | None = None  # built when first asked for: few ever ask
         self.ofrep = OfrepRoutes(store, status.metrics, flag_services)
 
     def close(self) -> None:
@@ -182,6 +181,10 @@ class ApiApp:
         await send_body(send, 200, body, JSON, [NO_CACHE])
 
     async def _openapi_document(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._openapi is None:
+            from agent.sinks.openapi import openapi_document
+
+            self._openapi = render.dump_json(openapi_document()) + b"\n"
         await send_body(send, 200, self._openapi, JSON)
 
 

@@ -197,7 +197,7 @@ async def serve_probes(
 ) -> None:
     """Serve only the metrics port (/metrics, /healthz, /readyz) — for the relay."""
     sockets = bind_tcp(host, port, METRICS_PORT)
-    limits = _limits(Settings.model_construct(), METRICS_MAX_CONNECTIONS)  # the defaults
+    limits = _limits(Settings(), METRICS_MAX_CONNECTIONS)  # the defaults
     server = _EmbeddedServer(_config(ProbesApp(status, registry), ConnectionGuard(limits)))
     try:
         async with anyio.create_task_group() as tg:
