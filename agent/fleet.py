@@ -8,11 +8,12 @@ the org's index, the sorted set `config-agent:agents:{ORG}` (score: when the rep
 expires, by the agent's clock, as of the agent's last index write). A report is written
 on every new snapshot (at most every MIN_GAP seconds) and every `fleet_report_interval`
 (± 10 %) when idle. A report after a change is one SET; the index is written too (SET +
-ZADD, pipelined) when the agent's last index write is older than the interval or a
-report failed: membership is all readers use, and a fleet pays one round trip per agent
-per change, not two commands. A stopped agent deletes its key; a killed one disappears
-when the key expires. Readers (`config-agent status`, `set --wait`) list the index, read the keys,
-and drop members whose key is gone. The tenant ACL lets an agent write (not read) its
+ZADD, pipelined) by the first and every idle report, and by a change report when the
+agent's last index write is older than the interval or a report failed: membership is
+all readers use, and a fleet pays one command per agent per change, not two. A stopped
+agent deletes its key; a killed one disappears when the key expires. Readers
+(`config-agent status`, `set --wait`) list the index, read the keys, and drop members
+whose key is gone. The tenant ACL lets an agent write (not read) its
 own org's key and index only.
 """
 
@@ -181,17 +182,18 @@ class FleetReporter:
         """Report until cancelled; then delete the report (a stopped agent leaves at once)."""
         client = any_client(self._url, password_file=self._password_file, ca_file=self._ca_file, socket_timeout=2)
         try:
-            generation, last = -1, -math.inf
+            generation, last, idle_report = -1, -math.inf, True
             while True:
                 wait = last + MIN_GAP - time.monotonic()
                 if wait > 0:
                     await anyio.sleep(wait)
                 generation = self._store.snapshot.generation
                 last = time.monotonic()
-                await self._write(client, self.report())
+                await self._write(client, self.report(), index=idle_report)
                 with anyio.move_on_after(self.idle_wait()) as idle:
                     await self._store.wait_newer(generation)
-                self._phased = self._phased or idle.cancelled_caught
+                idle_report = idle.cancelled_caught
+                self._phased = self._phased or idle_report
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 try:
@@ -211,11 +213,13 @@ class FleetReporter:
             return jittered(self._interval, self.JITTER, self._rand)
         return float(self._rand(0.0, self._interval))
 
-    async def _write(self, client: Redis | RedisCluster, report: AgentReport) -> None:
+    async def _write(self, client: Redis | RedisCluster, report: AgentReport, *, index: bool) -> None:
+        """SET the report; with `index` (the first and idle reports), or when the last index
+        write is an interval old, or after a failure (the key may have expired and a reader
+        pruned the member), ZADD the index too, in the same round trip."""
         ttl = self._interval * TTL_FACTOR
         key, ttl_ms = agent_key(self._org_id, self._agent), max(1, round(ttl * 1000))
-        # After a failure the key may have expired and a reader pruned the member: index too.
-        index = self._failing or time.monotonic() >= self._index_due
+        index = index or self._failing or time.monotonic() >= self._index_due
         try:
             if index:
                 # Key first: a member of the index without its key is a gone agent.
