@@ -150,6 +150,8 @@ async def test_reader_role_sees_only_its_org_and_writes_nothing(db: asyncpg.Conn
         assert await reader.fetchval("SELECT count(*) FROM service_configs WHERE org_id = 'orgb'") == 0
         assert await reader.fetchval("SELECT count(*) FROM config_history WHERE org_id = 'orgb'") == 0
         assert [r[0] for r in await reader.fetch("SELECT org_id FROM config_orgs")] == ["orga"]
+        # The policies' mapping (003): a reader sees its own row of it, never another role's.
+        assert [r[0] for r in await reader.fetch("SELECT org_id FROM config_agent_my_org")] == ["orga"]
         # The org is keyed to the role: a client-chosen setting changes nothing.
         await reader.execute("SET config_agent.org = 'orgb'")
         assert await reader.fetchval("SELECT count(*) FROM service_configs WHERE org_id = 'orgb'") == 0
