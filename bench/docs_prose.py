@@ -4,40 +4,51 @@ findings of one-off diagnostic runs (dated, with their commands). Every table co
 bench/results through bench/make_docs.py."""
 
 ANALYSIS = """
-## Where the time goes (analysis of the full runs of 2026-12-02)
+## Where the time goes (issue #21, runs of 2026-12-03)
 
-Written from the runs of 2026-12-02; the figures quoted here are that day's (the tables above are
-re-rendered from the latest results). That machine was 2–4× slower on that day than in the run of
-2026-11-27 (nginx served 42 k req/s against 98 k, the raw Redis PUBLISH→receive hop took 0.57 ms against
-0.17 ms): compare each figure with the baseline of the same run, not with another day.
+Written from the runs of 2026-12-03 on a quiet machine (the tables above are re-rendered from the
+latest results). Compare each figure with the baseline of the same run, not with another day.
 
-- **Single agent.** COMMIT → applied = Redis hop (raw PUBLISH→receive p50 0.57 ms on this day)
-  + one delta query + apply. The p99 tail comes from sharing two cores with PostgreSQL, Redis, the
-  writer and the probe; the trigger → relay path adds one more hop (PostgreSQL NOTIFY → relay → Redis).
-- **Many agents: CPU-bound.** `bench_fanout_profile` adds up the CPU of every process taking part. At
-  N = 100 one change costs 94 ms of CPU: 55 ms in the agents (553 µs per agent), 37 ms in PostgreSQL
-  backends (367 µs per delta query, wake-up included), 0.7 ms in Redis, 1.7 ms in the writer. On 2 cores
-  nothing can beat 47 ms, and the last agent got there in 52 ms. At N = 1,000 it is 750 ms of CPU per change
-  (floor 375 ms) while changes arrive every 500 ms, so agents fall behind, coalesce and queue (1.6 s). The
-  cProfile pass splits an agent's CPU per message into redis-py (19–22 % even with hiredis: its Python
-  layers around the parser), builtins and asyncio (≈ 28 %), prometheus-client (9 %), json (8 %) and our
-  own code (≈ 20 %, led by message validation). In a cluster the fan-out is spread over many nodes: what
-  one node pays is (its agents) × ≈ 0.55 ms, plus ≈ 0.37 ms per agent on the PostgreSQL server, which is
-  the figure to watch. LISTEN/NOTIFY per watcher skips the Redis hop and our sync engine, hence faster
-  here, at the price of one permanent backend per pod.
-- **Measured changes in this run.** The RLS lookup function is PL/pgSQL instead of a SECURITY DEFINER SQL
-  function (PostgreSQL re-planned the SQL function's body in every query: the reader's delta query went
-  from 240 to 120 µs of backend CPU in a tight loop). redis-py uses hiredis (redis-py with its pure-Python
-  parser was 30 % of an agent's CPU per message). Metric children are looked up once. In the baselines runs of the
-  same day before and after these changes: N = 100 81 → 54 ms, N = 1,000 2,236 → 1,344 ms. LISTEN/NOTIFY
-  moved 15 → 18 and 227 → 210 ms over the same runs.
+- **The fan-out headline** (`python -m bench.bench_baselines --kinds ours,listen --watchers 100,1000
+  --changes 30 --skip-etcd`, 3 runs, medians; LISTEN/NOTIFY of the same run beside each): last of 100
+  agents 32.7 ms (LISTEN 8.4 ms, 4.2× in the median run-to-run ratio), last of 1,000 agents 422 ms,
+  p99 1,561 ms (LISTEN 102 ms, 4.4×), 0 missed. Before issue #21 (be5c37a, one run the same day):
+  159 ms and 14,460 ms with 704 agent-changes missed (LISTEN 10 and 114 ms).
+- **What made 1,000 pods 30× slower and lose changes.** Every delta read carried a count over
+  `pg_stat_activity` (the free-slot guard of issue #10), which copies every backend's status entry:
+  O(backends) per read, O(pods²) per change. The agent now samples it only when a connection opens
+  and at most once a minute on a held one; `tests/test_read_cost.py` fails if a read's backend CPU
+  with 400 idle clients exceeds 1.5× that with 10 (the old query: 2.0×). The benchmark agents also
+  expected the relay's heartbeat that no process sent, so every agent resubscribed and replayed every
+  15 s mid-run (562 "deaf" lines): the benchmarks now publish the heartbeat as a relay does
+  (`bench.harness.Heartbeats`) and log no deaf or lost line on a healthy run.
+- **Still 4× LISTEN/NOTIFY: CPU.** `bench_fanout_profile` at N = 1,000 counts 727 ms of CPU per change
+  on 2 cores (floor 364 ms; last agent 529 ms): 460 µs per agent in the agents, 242 µs per agent in
+  PostgreSQL, 25 ms in Redis. The same harness hosting LISTEN/NOTIFY watchers measured 130 µs per
+  watcher and 105 µs per watcher in PostgreSQL (last watcher 135 ms). Per change an agent does what a
+  LISTEN watcher does (wake on a message, one query, apply) plus a Redis pub/sub message through
+  redis-py (≈ 50 µs: its Python layers around hiredis, 23 % of the profile) and its fleet report
+  (now one SET instead of SET + ZADD). Measured with py-spy on one worker of 100 agents: the delta
+  read through asyncpg ≈ 35 % of the agent's CPU (kernel loopback work included), the Redis receive
+  16 %, the report 10 %, store and metrics 8 %, the event loop most of the rest.
+- **PostgreSQL per read.** With 1,000 readers woken at once a delta read costs 157 µs of backend CPU
+  (a `SELECT 1` 50 µs, the LISTEN baseline's row lookup 100 µs, the same delta read as superuser,
+  without row-level security, 121 µs). Migration 003 took the tenant policy's lookup out of a
+  SECURITY DEFINER function (175 → 157 µs); the rest of the RLS cost is its two initplans.
+- **Relay outage.** 200 agents, relay SIGKILLed for 90 s: the busiest second saw 22 resubscribes and
+  27 reader statements (before: 200 and 228, every 15 s), and changes published directly during the
+  outage reached every agent (`bench_outage`, section above).
 - **File sets.** Each change builds a new generation directory: one `mkdir` per service, a hard link
   per unchanged file, and an `fsync` of each *written* file (configs.json, configs.env, the changed
   entries). In the propagation benchmark, 100 agents share one disk and 10 processes, so their fsyncs
   queue. In a pod the chart mounts the output `emptyDir` with `medium: Memory`, where fsync is free.
-- **Idle RSS** is import cost: bare Python 10.7 MiB, asyncio + ssl +9.3, pydantic-settings +13.7, redis
-  +5.9, asyncpg +3.5, prometheus-client +2.1, uvicorn +3.4 → 52 MiB before any data. ≤ 40 MB needs dropping
-  a required dependency (pydantic-settings is the largest).
+- **Idle RSS and start.** 58.3 → 46.6 MiB and 646 → 348 ms (process start → `/readyz`): settings
+  without pydantic (-8.9 MiB, -130 ms), and only what `run` uses is imported (no injector, YAML,
+  webhook server; the flag evaluator on the first evaluation, the OpenAPI document on the first
+  request). What is left is the libraries' import cost: `redis.asyncio` ≈ 139 ms of the start
+  (asyncio, ssl, importlib.metadata), uvicorn ≈ 3.5 MiB and 30 ms (click, its reloader and
+  watchfiles come with any uvicorn import), uvloop 1.2 MiB, prometheus-client's exposition servers
+  1 MiB.
 - **DB connections.** The agent closes its read connection after `db_idle_timeout` (default 60 s)
   without a query and reopens it on the next announcement (a few ms on loopback with trust
   authentication; more with TLS and SCRAM).
