@@ -70,13 +70,22 @@ def check_snapshot(state: Path, org: str) -> int:
 
 
 def crash_leftovers(out: Path, state: Path) -> None:
-    """What a kill at the rarer moments leaves (a random kill seldom lands there)."""
-    os.symlink("..data/svc1", out / "..svc1_tmp")  # an older version's link, before its rename
-    os.symlink("..data/svc1", out / "..link_tmp.svc1")  # ours, before its rename
-    os.symlink("..2000_01_01_00_00_00.x", out / "..data_tmp")  # ..data's, before its rename
-    (out / "..2000_01_01_00_00_00.x/svc1").mkdir(parents=True)  # a generation being written
+    """What a kill at the rarer moments leaves (a random kill seldom lands there).
+
+    The kill just before may have left one of these itself (it landed mid-swap): that one
+    is replaced by ours, which is what the next start must clean up either way."""
+
+    def leftover_link(target: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / name)
+        os.symlink(target, out / name)
+
+    leftover_link("..data/svc1", "..svc1_tmp")  # an older version's link, before its rename
+    leftover_link("..data/svc1", "..link_tmp.svc1")  # ours, before its rename
+    leftover_link("..2000_01_01_00_00_00.x", "..data_tmp")  # ..data's, before its rename
+    (out / "..2000_01_01_00_00_00.x/svc1").mkdir(parents=True, exist_ok=True)  # a generation being written
     (out / "..2000_01_01_00_00_00.x/svc1/k").write_bytes(b"half")
-    (out / "..retired_1999_01_01_00_00_00.y/svc2").mkdir(parents=True)  # one being deleted
+    (out / "..retired_1999_01_01_00_00_00.y/svc2").mkdir(parents=True, exist_ok=True)  # one being deleted
     (state / f".{SNAPSHOT}.tmp").write_bytes(b'{"format":1,"org_')  # a save being written
     (state / f".{SNAPSHOT}.abc123.tmp").write_bytes(b"")
 
