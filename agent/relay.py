@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.db.connect import connect, describe
+from agent.db.connect import POOLER_ERRORS, connect, describe
 from agent.db.writer import ORG_REVISIONS
 from agent.errors import SourceError, UsageError
 from agent.fleet import FleetReader, fleet_counts, fleet_rows
@@ -65,10 +65,9 @@ NEEDS_DIRECT = ("LISTEN needs a direct (session) connection to PostgreSQL, not a
                 "PgBouncer (CONFIG_AGENT_DATABASE_URL of the relay); not ready")
 NOT_HEARD = "LISTEN did not hear the relay's own NOTIFY within {timeout:.0f}s: " + NEEDS_DIRECT
 POOLER_ANSWER = "PostgreSQL answered as it does behind a transaction pooler ({error}): " + NEEDS_DIRECT
-# What PostgreSQL (or PgBouncer itself) says when consecutive queries of one session land
-# on different server connections: a prepared statement found on, or missing from, the
-# server that happens to serve the query; PgBouncer's "... not allowed in statement pool mode".
-POOLER_ERRORS = (asyncpg.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError)
+# Besides connect.POOLER_ERRORS, the same signature in words: a prepared statement found
+# on, or missing from, the server that happens to serve the query; PgBouncer's "... not
+# allowed in statement pool mode".
 POOLER_TEXT = re.compile(r"prepared statement|pool mode", re.IGNORECASE)
 
 

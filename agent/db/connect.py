@@ -98,6 +98,14 @@ async def connect(
         raise DatabaseError(f"cannot connect to PostgreSQL: {describe(exc)}") from exc
 
 
+# What PostgreSQL answers when consecutive queries of one session land on different server
+# connections: the signature of a transaction pooler (PgBouncer) in front of the server.
+POOLER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DuplicatePreparedStatementError,
+    asyncpg.InvalidSQLStatementNameError,
+)
+
+
 def describe(exc: BaseException, *, pooler_hint: bool = True) -> str:
     """A one-line description of a library error, never including a password.
 
@@ -107,7 +115,6 @@ def describe(exc: BaseException, *, pooler_hint: bool = True) -> str:
     """
     text = str(exc).splitlines()[0] if str(exc) else ""
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    if pooler_hint and isinstance(exc, asyncpg.DuplicatePreparedStatementError
-                                  | asyncpg.InvalidSQLStatementNameError):
+    if pooler_hint and isinstance(exc, POOLER_ERRORS):
         line += " (behind a transaction pooler such as PgBouncer? set CONFIG_AGENT_DATABASE_POOL_MODE=transaction)"
     return line
