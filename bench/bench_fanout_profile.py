@@ -104,35 +104,31 @@ async def measure(servers: Servers, n: int, changes: int, profile_dir: Path | No
     env = agent_env(servers)
     if profile_dir is not None:
         env["BENCH_CPROFILE_DIR"] = str(profile_dir)
-    with Heartbeats(servers.redis.url, servers.org):
-        return await _measure(servers, n, changes, env)
-
-
-async def _measure(servers: Servers, n: int, changes: int, env: dict[str, str]) -> dict[str, Any]:
-    workers = start_workers("agents", n, min(n, PROCESSES), env)
-    try:
-        account = CpuAccount(servers, [w.proc.pid for w in workers])
-        window = changes * change_spacing(n) + 0.5
-        await anyio.sleep(1.0)
-        idle0 = account.read()
-        await anyio.sleep(window)
-        idle = _delta(account.read(), idle0)
-        for w in workers:
-            w.dump()
-        q0 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
-        for w in workers:
-            w.send("profile on")
-        busy0 = account.read()
-        t0 = time.monotonic()
-        commits = await make_changes(servers, "ours", n, changes, 0.0, None)
-        await anyio.sleep(max(0.0, window - (time.monotonic() - t0)))
-        busy = _delta(account.read(), busy0)
-        for w in workers:
-            w.send("profile off")
-        q1 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
-        last, _every, missed = collect_last_and_every(workers, commits)
-    finally:
-        stop_all(workers)
+    with Heartbeats(servers.redis.url, servers.org):  # agents expect the relay's heartbeat
+        workers = start_workers("agents", n, min(n, PROCESSES), env)
+        try:
+            account = CpuAccount(servers, [w.proc.pid for w in workers])
+            window = changes * change_spacing(n) + 0.5
+            await anyio.sleep(1.0)
+            idle0 = account.read()
+            await anyio.sleep(window)
+            idle = _delta(account.read(), idle0)
+            for w in workers:
+                w.dump()
+            q0 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
+            for w in workers:
+                w.send("profile on")
+            busy0 = account.read()
+            t0 = time.monotonic()
+            commits = await make_changes(servers, "ours", n, changes, 0.0, None)
+            await anyio.sleep(max(0.0, window - (time.monotonic() - t0)))
+            busy = _delta(account.read(), busy0)
+            for w in workers:
+                w.send("profile off")
+            q1 = (await statements_by_role(servers.pg)).get(READER_ROLE, 0)
+            last, _every, missed = collect_last_and_every(workers, commits)
+        finally:
+            stop_all(workers)
     per_change = {k: round(max(0.0, busy[k] - idle[k]) * 1000 / changes, 3) for k in busy}
     total = sum(per_change.values())
     return {
