@@ -548,19 +548,26 @@ class RedisClusterSet(_RedisProcesses):
             capture_output=True, text=True, timeout=START_TIMEOUT)
         if proc.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {proc.stdout}{proc.stderr}")
-        self.wait_ok()
+        # A new cluster's first replica syncs can take longer than a node's start (CI once
+        # timed out at 30 s with every node up): twice the start timeout.
+        self.wait_ok(2 * START_TIMEOUT)
 
     def wait_ok(self, timeout: float = START_TIMEOUT) -> None:
         """Until every live node says cluster_state:ok and knows every node, and every live
-        non-master is an online replica (a master killed before that could not be replaced)."""
+        non-master is an online replica (a master killed before that could not be replaced).
+        A timeout names what was still missing."""
         def ok() -> bool:
             live = self.live_ports
             for port in live:
                 info = _cluster(port, "INFO")
                 if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < len(self.ports):
-                    return False
+                    raise RuntimeError(f"node {port}: cluster_state {info.get('cluster_state')}, "
+                                       f"{info.get('cluster_known_nodes')} of {len(self.ports)} nodes known")
             masters = set(self.slot_owners().values())
-            return sum(len(self.replicas_of(master)) for master in masters) == len(live) - len(masters)
+            replicas = sum(len(self.replicas_of(master)) for master in masters)
+            if replicas != len(live) - len(masters):
+                raise RuntimeError(f"{replicas} of {len(live) - len(masters)} replicas online")
+            return True
 
         _wait_until("cluster_state:ok on every node", ok, timeout)
 
