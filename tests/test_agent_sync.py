@@ -152,15 +152,23 @@ async def test_idle_connection_is_closed_and_reopened_on_the_next_change(
     writer = await ConfigWriter.open(db_url, redis_url=redis_url)
     await writer.set(org, "ai", "t", 1, actor="t")
 
-    async def backends() -> int:
-        return int(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
-                                     "application_name = 'config-agent' AND datname = current_database()"))
+    async def backends(expected: int) -> int:
+        """The agents' backends, once they number `expected` (a backend leaves pg_stat_activity
+        a moment after its client closed; an earlier test's agent may still be leaving)."""
+        count = -1
+        for _ in range(200):
+            count = int(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                          "application_name = 'config-agent' AND datname = current_database()"))
+            if count == expected:
+                break
+            await anyio.sleep(0.05)
+        return count
 
     async with running_agent(org_id=org, database_url=db_url, redis_url=redis_url,
                              db_idle_timeout=0.3) as agent:
-        assert await backends() == 1
+        assert await backends(1) == 1
         await eventually(lambda: not agent.source.connected, 2, "idle connection closed")
-        assert await backends() == 0
+        assert await backends(0) == 0
         await writer.set(org, "ai", "t", 2, actor="t")
         await eventually(lambda: agent_state(agent) == {("ai", "t"): (2, 2)}, 2, "applied after reconnect")
         assert agent.source.connects == 2
